@@ -1,0 +1,116 @@
+"""Command line: `azproxy [serve]`, `azproxy demo`, `azproxy emulator`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .config import ConfigError, Settings, load_settings, parse_address, read_sources
+from .server import new_event_loop, run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(_default_to_serve(sys.argv[1:] if argv is None else list(argv)))
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"azproxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    flags = {
+        name: getattr(args, name)
+        for name in (
+            "address",
+            "mode",
+            "endpoint",
+            "api_version",
+            "model_mapper",
+            "openai_base_url",
+            "log_level",
+        )
+    }
+    settings = load_settings(read_sources(os.environ, flags))
+    _configure_logging(settings)
+    run(settings)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(run_demo(parse_address(args.address), once=args.once))
+
+
+def _emulator(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from .emulator import Emulator
+
+    address = parse_address(args.address)
+    emulator = Emulator(api_keys=args.api_key, chunks=args.chunks, chunk_delay=args.chunk_delay, record=False)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    web.run_app(
+        emulator.app(),
+        host=address.host,
+        port=address.port,
+        loop=new_event_loop(),
+        handler_cancellation=True,
+        access_log=None,
+        print=lambda _: logging.info("Azure OpenAI emulator on http://%s", address),
+    )
+    return 0
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _default_to_serve(argv: list[str]) -> list[str]:
+    commands = {"serve", "demo", "emulator", "-h", "--help", "--version"}
+    return argv if argv and argv[0] in commands else ["serve", *argv]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="azproxy", description="OpenAI-compatible proxy for Azure OpenAI.")
+    parser.add_argument("--version", action="version", version=f"azproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy (the default command)")
+    serve.add_argument("--address", help="listen on HOST:PORT (AZURE_OPENAI_PROXY_ADDRESS)")
+    serve.add_argument("--mode", choices=("azure", "openai"), help="AZURE_OPENAI_PROXY_MODE")
+    serve.add_argument("--endpoint", help="https://RESOURCE.openai.azure.com (AZURE_OPENAI_ENDPOINT)")
+    serve.add_argument("--api-version", help="AZURE_OPENAI_APIVERSION")
+    serve.add_argument("--model-mapper", help="model=deployment,... (AZURE_OPENAI_MODEL_MAPPER)")
+    serve.add_argument("--openai-base-url", help="upstream of openai mode (AZPROXY_OPENAI_BASE_URL)")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (AZPROXY_LOG_LEVEL)")
+    serve.set_defaults(func=_serve)
+
+    demo = commands.add_parser(
+        "demo", help="the proxy in front of the built-in Azure emulator, with requests"
+    )
+    demo.add_argument(
+        "--address", default="127.0.0.1:8080", help="where the proxy listens (default %(default)s)"
+    )
+    demo.add_argument(
+        "--once", action="store_true", help="exit after the demo requests instead of serving on"
+    )
+    demo.set_defaults(func=_demo)
+
+    emulator = commands.add_parser("emulator", help="run the built-in Azure OpenAI emulator alone")
+    emulator.add_argument("--address", default="127.0.0.1:8081", help="default %(default)s")
+    emulator.add_argument("--api-key", action="append", default=[], help="accepted key (default: any)")
+    emulator.add_argument("--chunks", type=int, help="content chunks per stream (default: one per word)")
+    emulator.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between stream chunks")
+    emulator.set_defaults(func=_emulator)
+    return parser

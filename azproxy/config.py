@@ -1,0 +1,251 @@
+"""Settings: one typed, frozen object built once from defaults, a .env file, the environment and flags.
+
+No other module reads the environment; everything downstream receives a `Settings`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Final
+
+from dotenv import dotenv_values
+from yarl import URL
+
+#: The newest GA version of the classic data plane. The original project's 2023-03-15-preview was retired in 2024.
+DEFAULT_API_VERSION: Final = "2024-10-21"
+DEFAULT_ADDRESS: Final = "0.0.0.0:8080"
+DEFAULT_OPENAI_BASE_URL: Final = "https://api.openai.com"
+DEFAULT_MAX_BODY: Final = 32 * 1024 * 1024
+
+#: Azure spells the gpt-3.5 family without the dot; these are added to (and overridden by) the user's mapper.
+BUILTIN_MODEL_MAP: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "gpt-3.5-turbo": "gpt-35-turbo",
+        "gpt-3.5-turbo-0301": "gpt-35-turbo-0301",
+        "gpt-3.5-turbo-0613": "gpt-35-turbo-0613",
+        "gpt-3.5-turbo-1106": "gpt-35-turbo-1106",
+        "gpt-3.5-turbo-0125": "gpt-35-turbo-0125",
+        "gpt-3.5-turbo-16k": "gpt-35-turbo-16k",
+        "gpt-3.5-turbo-16k-0613": "gpt-35-turbo-16k-0613",
+        "gpt-3.5-turbo-instruct": "gpt-35-turbo-instruct",
+        "gpt-3.5-turbo-instruct-0914": "gpt-35-turbo-instruct-0914",
+    }
+)
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the variable and the bad part."""
+
+
+class Mode(StrEnum):
+    AZURE = "azure"
+    OPENAI = "openai"
+
+
+class Secret:
+    """A credential that never shows itself in repr, str or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Upstream timeouts in seconds. `read` bounds the silence between two chunks, never a whole stream."""
+
+    connect: float = 10.0
+    read: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    address: Address = field(default_factory=lambda: parse_address(DEFAULT_ADDRESS))
+    mode: Mode = Mode.AZURE
+    azure_endpoint: URL | None = None
+    api_version: str = DEFAULT_API_VERSION
+    model_map: Mapping[str, str] = field(default_factory=lambda: BUILTIN_MODEL_MAP)
+    azure_token: Secret | None = None
+    openai_base_url: URL = field(default_factory=lambda: URL(DEFAULT_OPENAI_BASE_URL))
+    max_body: int = DEFAULT_MAX_BODY
+    timeouts: Timeouts = Timeouts()
+    access_log: bool = False
+    log_level: str = "INFO"
+
+
+# Flags of `azproxy serve` and the variables they stand for; a flag wins over the variable.
+FLAG_VARIABLES: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "address": "AZURE_OPENAI_PROXY_ADDRESS",
+        "mode": "AZURE_OPENAI_PROXY_MODE",
+        "endpoint": "AZURE_OPENAI_ENDPOINT",
+        "api_version": "AZURE_OPENAI_APIVERSION",
+        "model_mapper": "AZURE_OPENAI_MODEL_MAPPER",
+        "openai_base_url": "AZPROXY_OPENAI_BASE_URL",
+        "log_level": "AZPROXY_LOG_LEVEL",
+    }
+)
+
+
+def read_sources(
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, str | None] | None = None,
+    cwd: Path | None = None,
+) -> dict[str, str]:
+    """Merge, in rising priority: the .env file, the environment, the command-line flags."""
+    environ = os.environ if environ is None else environ
+    env_file = Path(environ.get("AZPROXY_ENV_FILE") or (cwd or Path.cwd()) / ".env")
+    merged: dict[str, str] = {}
+    if "AZPROXY_ENV_FILE" in environ and not env_file.is_file():
+        raise ConfigError(f"AZPROXY_ENV_FILE: no such file: {env_file}")
+    if env_file.is_file():
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(environ)
+    for flag, value in (flags or {}).items():
+        if value is not None:
+            merged[FLAG_VARIABLES[flag]] = value
+    return merged
+
+
+def load_settings(source: Mapping[str, str], *, require_endpoint: bool = True) -> Settings:
+    """Build Settings from merged variables (see `read_sources`); raise ConfigError naming what is wrong."""
+    mode = _parse_mode(source.get("AZURE_OPENAI_PROXY_MODE", Mode.AZURE.value))
+    endpoint = _parse_url("AZURE_OPENAI_ENDPOINT", source.get("AZURE_OPENAI_ENDPOINT", ""))
+    if endpoint is None and mode is Mode.AZURE and require_endpoint:
+        raise ConfigError(
+            "AZURE_OPENAI_ENDPOINT is required in azure mode, e.g. https://RESOURCE.openai.azure.com"
+        )
+    openai_base = _parse_url("AZPROXY_OPENAI_BASE_URL", source.get("AZPROXY_OPENAI_BASE_URL", ""))
+    token = source.get("AZURE_OPENAI_TOKEN", "").strip()
+    return Settings(
+        address=parse_address(source.get("AZURE_OPENAI_PROXY_ADDRESS", DEFAULT_ADDRESS)),
+        mode=mode,
+        azure_endpoint=endpoint,
+        api_version=source.get("AZURE_OPENAI_APIVERSION", "").strip() or DEFAULT_API_VERSION,
+        model_map=parse_model_map(source.get("AZURE_OPENAI_MODEL_MAPPER", "")),
+        azure_token=Secret(token) if token else None,
+        openai_base_url=openai_base or URL(DEFAULT_OPENAI_BASE_URL),
+        max_body=_parse_size("AZPROXY_MAX_BODY", source.get("AZPROXY_MAX_BODY", "")) or DEFAULT_MAX_BODY,
+        timeouts=Timeouts(
+            connect=_parse_seconds("AZPROXY_CONNECT_TIMEOUT", source.get("AZPROXY_CONNECT_TIMEOUT"), 10.0),
+            read=_parse_seconds("AZPROXY_READ_TIMEOUT", source.get("AZPROXY_READ_TIMEOUT"), 300.0),
+        ),
+        access_log=_parse_bool("AZPROXY_ACCESS_LOG", source.get("AZPROXY_ACCESS_LOG", "false")),
+        log_level=_parse_log_level(source.get("AZPROXY_LOG_LEVEL", "INFO")),
+    )
+
+
+def parse_address(text: str) -> Address:
+    """`host:port`, `[v6]:port` or `:port` (all interfaces)."""
+    text = text.strip()
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise ConfigError(f"AZURE_OPENAI_PROXY_ADDRESS: {text!r} is not host:port")
+    host = host.removeprefix("[").removesuffix("]") or "0.0.0.0"
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"AZURE_OPENAI_PROXY_ADDRESS: port {port_text!r} is not a number from 1 to 65535")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"AZURE_OPENAI_PROXY_ADDRESS: {host!r} is not an IPv6 address") from None
+    return Address(host, int(port_text))
+
+
+def parse_model_map(text: str) -> Mapping[str, str]:
+    """`model=deployment,...` on top of the built-in map; later entries win."""
+    mapping = dict(BUILTIN_MODEL_MAP)
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        model, sep, deployment = (piece.strip() for piece in entry.partition("="))
+        if not sep or not model or not deployment:
+            raise ConfigError(f"AZURE_OPENAI_MODEL_MAPPER: entry {entry!r} is not model=deployment")
+        mapping[model] = deployment
+    return MappingProxyType(mapping)
+
+
+def _parse_mode(text: str) -> Mode:
+    try:
+        return Mode(text.strip().lower())
+    except ValueError:
+        raise ConfigError(f"AZURE_OPENAI_PROXY_MODE: {text!r} is neither 'azure' nor 'openai'") from None
+
+
+def _parse_url(name: str, text: str) -> URL | None:
+    text = text.strip()
+    if not text:
+        return None
+    url = URL(text)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(f"{name}: {text!r} is not an http(s) URL")
+    if url.query_string or url.fragment:
+        raise ConfigError(f"{name}: {text!r} must not carry a query or fragment")
+    return url.with_path(url.path.rstrip("/"))
+
+
+def _parse_size(name: str, text: str) -> int:
+    text = text.strip().upper()
+    if not text:
+        return 0
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    number, unit = (text[:-1], units[text[-1]]) if text[-1] in units else (text, 1)
+    if not number.isdigit() or int(number) == 0:
+        raise ConfigError(f"{name}: {text!r} is not a positive size such as 33554432 or 32M")
+    return int(number) * unit
+
+
+def _parse_seconds(name: str, text: str | None, default: float) -> float:
+    if text is None or not text.strip():
+        return default
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"{name}: {text!r} is not a positive number of seconds")
+    return seconds
+
+
+def _parse_bool(name: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: {text!r} is not true or false")
+
+
+def _parse_log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"AZPROXY_LOG_LEVEL: {text!r} is not DEBUG, INFO, WARNING or ERROR")
+    return level

@@ -1,0 +1,1 @@
+"""The edge: how a request arrived (reverse, absolute-URI, tunnel), turned into one `IncomingRequest`."""

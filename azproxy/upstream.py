@@ -1,0 +1,88 @@
+"""The client side: one pooled ClientSession for the process, and sending a plan to the backends in turn."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+
+import aiohttp
+from aiohttp import hdrs
+
+from .backends import Backend
+from .config import Timeouts
+from .errors import BadGateway, GatewayTimeout, ProxyError
+from .translate import IncomingRequest, Plan, to_upstream
+
+log = logging.getLogger(__name__)
+
+# aiohttp adds these on its own; a proxy must send only what the client sent (an unasked-for gzip answer would
+# reach a client that cannot read it, since bodies are relayed undecoded).
+_NO_AUTO_HEADERS = frozenset({hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE})
+_LARGE_BODY = 1024 * 1024
+
+
+class UpstreamClient:
+    """Owns the connection pool; created once at start-up, closed at shutdown."""
+
+    def __init__(self, backends: Sequence[Backend], timeouts: Timeouts) -> None:
+        if not backends:
+            raise ValueError("at least one backend is needed")
+        self.backends = tuple(backends)
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=False)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=_NO_AUTO_HEADERS,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(self, plan: Plan, incoming: IncomingRequest) -> aiohttp.ClientResponse:
+        """The first backend's answer, whatever its status; an unreachable backend passes to the next one.
+
+        The caller owns the returned response and must release or close it.
+        """
+        if self._session is None:
+            raise RuntimeError("UpstreamClient.start() was not awaited")
+        failure: ProxyError | None = None
+        for backend in self.backends:
+            request = to_upstream(plan, incoming, backend)
+            try:
+                return await self._session.request(
+                    request.method,
+                    request.url,
+                    headers=request.headers,
+                    data=_payload(request.body),
+                    allow_redirects=False,
+                )
+            except (TimeoutError, aiohttp.ServerTimeoutError):
+                failure = GatewayTimeout(
+                    f"Backend '{backend.name}' did not answer in time.", code="upstream_timeout"
+                )
+            except aiohttp.ClientError as exc:
+                failure = BadGateway(
+                    f"Backend '{backend.name}' could not be reached ({type(exc).__name__}).",
+                    code="upstream_unreachable",
+                )
+            log.warning("backend %s failed: %s", backend.name, failure.message)
+        assert failure is not None
+        raise failure
+
+
+def _payload(body: bytes) -> bytes | io.BytesIO | None:
+    """Large bodies go as BytesIO, which aiohttp writes in slices (it warns about big raw bytes); no copy is made."""
+    if len(body) > _LARGE_BODY:
+        return io.BytesIO(body)
+    return body or None

@@ -1,0 +1,97 @@
+"""Fixtures: the Azure emulator and azproxy, both in-process on loopback, and the official SDK as the client."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from yarl import URL
+
+from azproxy.config import load_settings
+from azproxy.emulator import Emulator
+from azproxy.server import build_app
+
+AZURE_KEY = "azure-key-for-tests"
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+@dataclass
+class Proxy:
+    server: TestServer
+
+    @property
+    def url(self) -> URL:
+        return self.server.make_url("")
+
+    @property
+    def base_url(self) -> str:
+        return str(self.server.make_url("/v1"))
+
+
+ProxyFactory = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward-proxy variables of one test (or of the machine) must never steer another test's clients."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
+@pytest.fixture
+def emulator() -> Emulator:
+    return Emulator(api_keys={AZURE_KEY})
+
+
+@pytest.fixture
+async def start_server(aiohttp_server: ServerFactory) -> ServerFactory:
+    """Serve an app the way `azproxy serve` does (aiohttp's test server, too, cancels a handler whose client left)."""
+
+    async def start(app: web.Application) -> TestServer:
+        return await aiohttp_server(app)
+
+    return start
+
+
+@pytest.fixture
+async def emulator_server(emulator: Emulator, start_server: ServerFactory) -> TestServer:
+    return await start_server(emulator.app())
+
+
+@pytest.fixture
+async def make_proxy(start_server: ServerFactory, emulator_server: TestServer) -> ProxyFactory:
+    """azproxy in front of the emulator; keyword arguments are extra environment variables."""
+
+    async def make(**environment: str) -> Proxy:
+        source = {"AZURE_OPENAI_ENDPOINT": str(emulator_server.make_url("")).rstrip("/")} | environment
+        return Proxy(await start_server(build_app(load_settings(source))))
+
+    return make
+
+
+@pytest.fixture
+async def proxy(make_proxy: ProxyFactory) -> Proxy:
+    return await make_proxy()
+
+
+@pytest.fixture
+async def sdk(proxy: Proxy) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=AZURE_KEY, max_retries=0)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
