@@ -72,12 +72,35 @@ def _emulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ca(args: argparse.Namespace) -> int:
+    from .edge.certs import CertificateAuthority
+
+    settings = load_settings(read_sources(os.environ), require_endpoint=False)
+    authority = CertificateAuthority(settings.state_dir, settings.forward.intercept_hosts)
+    if args.pem:
+        sys.stdout.write(authority.pem().decode())
+        return 0
+    path = authority.cert_path
+    print(f"""azproxy's CA certificate: {path}
+It may sign only: {", ".join(authority.hosts)}
+
+Make HTTPS_PROXY clients trust it:
+  Python (openai, httpx):  export SSL_CERT_FILE={path}
+  requests:                export REQUESTS_CA_BUNDLE={path}
+  Node:                    export NODE_EXTRA_CA_CERTS={path}
+  curl:                    curl --cacert {path} -x http://AZPROXY:8080 https://api.openai.com/...
+  Debian/Ubuntu system:    cp {path} /usr/local/share/ca-certificates/azproxy.crt && update-ca-certificates
+(SSL_CERT_FILE and REQUESTS_CA_BUNDLE replace the default trust store: to keep it, point them at a bundle
+holding both, e.g. cat "$(python3 -m certifi)" {path} > bundle.pem)""")
+    return 0
+
+
 def _configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _default_to_serve(argv: list[str]) -> list[str]:
-    commands = {"serve", "demo", "emulator", "-h", "--help", "--version"}
+    commands = {"serve", "demo", "emulator", "ca", "-h", "--help", "--version"}
     return argv if argv and argv[0] in commands else ["serve", *argv]
 
 
@@ -113,4 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument("--chunks", type=int, help="content chunks per stream (default: one per word)")
     emulator.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between stream chunks")
     emulator.set_defaults(func=_emulator)
+
+    ca = commands.add_parser("ca", help="where azproxy's CA certificate is and how to trust it")
+    ca.add_argument("--pem", action="store_true", help="print the CA certificate itself")
+    ca.set_defaults(func=_ca)
     return parser

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -22,6 +23,7 @@ DEFAULT_API_VERSION: Final = "2024-10-21"
 DEFAULT_ADDRESS: Final = "0.0.0.0:8080"
 DEFAULT_OPENAI_BASE_URL: Final = "https://api.openai.com"
 DEFAULT_MAX_BODY: Final = 32 * 1024 * 1024
+DEFAULT_INTERCEPT_HOSTS: Final = ("api.openai.com",)
 
 #: Azure spells the gpt-3.5 family without the dot; these are added to (and overridden by) the user's mapper.
 BUILTIN_MODEL_MAP: Final[Mapping[str, str]] = MappingProxyType(
@@ -36,6 +38,11 @@ BUILTIN_MODEL_MAP: Final[Mapping[str, str]] = MappingProxyType(
         "gpt-3.5-turbo-instruct": "gpt-35-turbo-instruct",
         "gpt-3.5-turbo-instruct-0914": "gpt-35-turbo-instruct-0914",
     }
+)
+
+
+_HOST_NAME: Final = re.compile(
+    r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
 )
 
 
@@ -89,6 +96,30 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class TunnelTarget:
+    """An allowlisted forward-proxy target; without a port only 443 is allowed."""
+
+    host: str
+    port: int | None = None
+
+    def admits(self, host: str, port: int) -> bool:
+        return host == self.host and port == (self.port or 443)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardProxy:
+    """Forward-proxy settings: which hosts are intercepted, which tunnelled blindly, and the proxy's credentials."""
+
+    intercept_hosts: tuple[str, ...] = DEFAULT_INTERCEPT_HOSTS
+    tunnel_allow: tuple[TunnelTarget, ...] = ()
+    #: `user:password` for Proxy-Authorization: Basic; None means the forward proxy asks for none.
+    proxy_auth: Secret | None = None
+
+    def allows_tunnel(self, host: str, port: int) -> bool:
+        return any(target.admits(host, port) for target in self.tunnel_allow)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     address: Address = field(default_factory=lambda: parse_address(DEFAULT_ADDRESS))
     mode: Mode = Mode.AZURE
@@ -101,6 +132,12 @@ class Settings:
     timeouts: Timeouts = Timeouts()
     access_log: bool = False
     log_level: str = "INFO"
+    forward: ForwardProxy = ForwardProxy()
+    #: Where the local CA lives (created on first need).
+    state_dir: Path = field(default_factory=lambda: Path.home() / ".local/share/azproxy")
+    #: Certificate and key files that make azproxy serve HTTPS on its address.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 # Flags of `azproxy serve` and the variables they stand for; a flag wins over the variable.
@@ -162,6 +199,13 @@ def load_settings(source: Mapping[str, str], *, require_endpoint: bool = True) -
         ),
         access_log=_parse_bool("AZPROXY_ACCESS_LOG", source.get("AZPROXY_ACCESS_LOG", "false")),
         log_level=_parse_log_level(source.get("AZPROXY_LOG_LEVEL", "INFO")),
+        forward=ForwardProxy(
+            intercept_hosts=_parse_hosts(source.get("AZPROXY_INTERCEPT_HOSTS")),
+            tunnel_allow=_parse_tunnel_allow(source.get("AZPROXY_TUNNEL_ALLOW", "")),
+            proxy_auth=_parse_proxy_auth(source.get("AZPROXY_PROXY_AUTH", "")),
+        ),
+        state_dir=_state_dir(source),
+        **_parse_tls(source),
     )
 
 
@@ -191,6 +235,59 @@ def parse_model_map(text: str) -> Mapping[str, str]:
             raise ConfigError(f"AZURE_OPENAI_MODEL_MAPPER: entry {entry!r} is not model=deployment")
         mapping[model] = deployment
     return MappingProxyType(mapping)
+
+
+def _parse_hosts(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return DEFAULT_INTERCEPT_HOSTS
+    hosts = tuple(dict.fromkeys(h.strip().lower().rstrip(".") for h in text.split(",") if h.strip()))
+    for host in hosts:
+        if not _HOST_NAME.fullmatch(host):
+            raise ConfigError(f"AZPROXY_INTERCEPT_HOSTS: {host!r} is not a DNS host name")
+    return hosts
+
+
+def _parse_tunnel_allow(text: str) -> tuple[TunnelTarget, ...]:
+    """`host`, `host:port` or `[v6]:port`, comma-separated."""
+    targets = []
+    for entry in filter(None, (part.strip().lower() for part in text.split(","))):
+        if entry.startswith("["):
+            host, _, rest = entry[1:].partition("]")
+            port = rest.removeprefix(":")
+        elif entry.count(":") == 1:
+            host, port = entry.split(":")
+        else:
+            host, port = entry, ""
+        if not host or (port and (not port.isdigit() or not 0 < int(port) < 65536)):
+            raise ConfigError(f"AZPROXY_TUNNEL_ALLOW: entry {entry!r} is not host, host:port or [v6]:port")
+        targets.append(TunnelTarget(host, int(port) if port else None))
+    return tuple(targets)
+
+
+def _parse_proxy_auth(text: str) -> Secret | None:
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError("AZPROXY_PROXY_AUTH: expected user:password (both non-empty)")
+    return Secret(text)
+
+
+def _state_dir(source: Mapping[str, str]) -> Path:
+    if source.get("AZPROXY_STATE_DIR"):
+        return Path(source["AZPROXY_STATE_DIR"]).expanduser()
+    data_home = source.get("XDG_DATA_HOME") or str(Path(source.get("HOME") or Path.home()) / ".local/share")
+    return Path(data_home) / "azproxy"
+
+
+def _parse_tls(source: Mapping[str, str]) -> dict[str, Path | None]:
+    cert, key = source.get("AZPROXY_TLS_CERT", "").strip(), source.get("AZPROXY_TLS_KEY", "").strip()
+    if bool(cert) != bool(key):
+        raise ConfigError("AZPROXY_TLS_CERT and AZPROXY_TLS_KEY go together: set both or neither")
+    for name, value in (("AZPROXY_TLS_CERT", cert), ("AZPROXY_TLS_KEY", key)):
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{name}: no such file: {value}")
+    return {"tls_cert": Path(cert) if cert else None, "tls_key": Path(key) if key else None}
 
 
 def _parse_mode(text: str) -> Mode:

@@ -46,9 +46,29 @@ class Unauthorized(ProxyError):
     error_type = "invalid_request_error"
 
 
+class Forbidden(ProxyError):
+    status = 403
+    error_type = "permission_error"
+
+
 class NotFound(ProxyError):
     status = 404
     error_type = "invalid_request_error"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    error_type = "invalid_request_error"
+
+
+class ProxyAuthRequired(ProxyError):
+    status = 407
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            message, code="proxy_auth_required", headers={"Proxy-Authenticate": 'Basic realm="azproxy"'}
+        )
 
 
 class PayloadTooLarge(ProxyError):

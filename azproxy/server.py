@@ -4,26 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import ssl
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from . import mocks
 from .backends import backends_from
 from .config import Mode, Settings
+from .edge.forward import forward_proxy
 from .errors import ProxyError, error_response, from_http_exception
-from .pipeline import proxy
+from .pipeline import Handler, proxy
+from .resolver import Resolver
 from .state import STATE, ProxyState
 from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-
-def build_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body, middlewares=[openai_errors])
-    app[STATE] = ProxyState(settings, UpstreamClient(backends_from(settings), settings.timeouts))
+def build_app(settings: Settings, resolver: Resolver | None = None) -> web.Application:
+    """The whole proxy as one aiohttp app; `resolver` lets tests map public host names to loopback."""
+    resolver = resolver or Resolver()
+    app = web.Application(client_max_size=settings.max_body, middlewares=[openai_errors, forward_proxy])
+    upstream = UpstreamClient(backends_from(settings), settings.timeouts, resolver)
+    app[STATE] = ProxyState(settings, upstream, resolver)
     app.cleanup_ctx.append(_upstream_pool)
     app.on_response_prepare.append(_allow_any_origin)
     _add_routes(app, settings)
@@ -90,23 +94,39 @@ async def _get_model(request: web.Request) -> web.Response:
 
 def run(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM, on uvloop where it is installed."""
+    scheme = "https" if settings.tls_cert else "http"
     web.run_app(
         build_app(settings),
         host=settings.address.host,
         port=settings.address.port,
+        ssl_context=tls_context(settings),
         loop=new_event_loop(),
         handler_cancellation=True,
         access_log=logging.getLogger("azproxy.access") if settings.access_log else None,
-        print=lambda _: log.info("azproxy %s mode listening on http://%s", settings.mode, settings.address),
+        print=lambda _: log.info(
+            "azproxy %s mode listening on %s://%s", settings.mode, scheme, settings.address
+        ),
     )
 
 
-async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The listener's own TLS (AZPROXY_TLS_CERT/KEY), so clients can reach azproxy itself over HTTPS."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+async def start_server(
+    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, int]:
     """Start `app` inside a running loop (demo, emulator, tests); returns the runner and the bound port."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     except OSError:
         await runner.cleanup()
         raise

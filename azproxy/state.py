@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from aiohttp import web
 
 from .config import Settings
+from .edge.certs import CertificateAuthority
+from .edge.tunnel import Tunnels
+from .resolver import Resolver
 from .upstream import UpstreamClient
 
 
-@dataclass(frozen=True, slots=True)
 class ProxyState:
-    settings: Settings
-    upstream: UpstreamClient
+    __slots__ = ("_certificate_authority", "resolver", "settings", "tunnels", "upstream")
+
+    def __init__(self, settings: Settings, upstream: UpstreamClient, resolver: Resolver) -> None:
+        self.settings = settings
+        self.upstream = upstream
+        self.resolver = resolver
+        self.tunnels = Tunnels()
+        self._certificate_authority: CertificateAuthority | None = None
+
+    def certificate_authority(self) -> CertificateAuthority:
+        """The local CA, loaded or created on first need (the first intercepted tunnel)."""
+        if self._certificate_authority is None:
+            forward = self.settings.forward
+            self._certificate_authority = CertificateAuthority(
+                self.settings.state_dir, forward.intercept_hosts
+            )
+        return self._certificate_authority
 
 
 STATE = web.AppKey("azproxy_state", ProxyState)

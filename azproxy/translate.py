@@ -16,7 +16,7 @@ from yarl import URL
 
 from .backends import Backend
 from .config import Mode
-from .errors import BadRequest, NotFound, ProxyError, Unauthorized
+from .errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized
 from .operations import BodyKind, Operation, Scope, find_operation
 
 #: Connection-level headers (RFC 9110 7.6.1) and those a proxy owns; never copied from one hop to the next.
@@ -44,11 +44,6 @@ NOT_FOR_AZURE: Final = HOP_BY_HOP | frozenset(
 #: Azure deployment names are letters, digits, `.`, `_`, `-`; OpenAI fine-tune ids add `:`. Nothing that can
 #: leave the path segment (`/`, `?`, `#`, `%`, `..`, controls) gets through.
 _DEPLOYMENT_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,255}")
-
-
-class MethodNotAllowed(ProxyError):
-    status = 405
-    error_type = "invalid_request_error"
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from aiohttp import hdrs
 from .backends import Backend
 from .config import Timeouts
 from .errors import BadGateway, GatewayTimeout, ProxyError
+from .resolver import AiohttpResolver, Resolver
 from .translate import IncomingRequest, Plan, to_upstream
 
 log = logging.getLogger(__name__)
@@ -25,17 +26,18 @@ _LARGE_BODY = 1024 * 1024
 class UpstreamClient:
     """Owns the connection pool; created once at start-up, closed at shutdown."""
 
-    def __init__(self, backends: Sequence[Backend], timeouts: Timeouts) -> None:
+    def __init__(self, backends: Sequence[Backend], timeouts: Timeouts, resolver: Resolver) -> None:
         if not backends:
             raise ValueError("at least one backend is needed")
         self.backends = tuple(backends)
+        self._resolver = resolver
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
         )
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=False)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, resolver=AiohttpResolver(self._resolver))
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
@@ -49,15 +51,17 @@ class UpstreamClient:
             await self._session.close()
             self._session = None
 
-    async def send(self, plan: Plan, incoming: IncomingRequest) -> aiohttp.ClientResponse:
+    async def send(
+        self, plan: Plan, incoming: IncomingRequest, backends: Sequence[Backend] | None = None
+    ) -> aiohttp.ClientResponse:
         """The first backend's answer, whatever its status; an unreachable backend passes to the next one.
 
-        The caller owns the returned response and must release or close it.
+        `backends` defaults to the configured ones. The caller owns the response and must release or close it.
         """
         if self._session is None:
             raise RuntimeError("UpstreamClient.start() was not awaited")
         failure: ProxyError | None = None
-        for backend in self.backends:
+        for backend in backends or self.backends:
             request = to_upstream(plan, incoming, backend)
             try:
                 return await self._session.request(

@@ -1,0 +1,212 @@
+"""CONNECT tunnels: intercepted (TLS ended by azproxy, requests served by the same app) or blind (bytes piped).
+
+aiohttp treats the rest of a CONNECT connection as upgraded: the handler answers `200 Connection established`
+on the raw transport, takes the transport over in the same step (an `await` in between would let early client
+bytes land in aiohttp's buffer), and returns only when the tunnel is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from azproxy.errors import BadGateway
+
+log = logging.getLogger(__name__)
+
+ESTABLISHED: Final = b"HTTP/1.1 200 Connection established\r\n\r\n"
+_HANDSHAKE_TIMEOUT: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelTarget:
+    host: str
+    port: int
+
+
+class Tunnels:
+    """Which request handler serves which intercepted tunnel, so requests inside it are known as such."""
+
+    def __init__(self) -> None:
+        self._open: dict[RequestHandler, TunnelTarget] = {}
+
+    def target_of(self, request: web.Request) -> TunnelTarget | None:
+        if not self._open:
+            return None
+        return self._open.get(request.protocol)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    async def intercept(self, request: web.Request, target: TunnelTarget, context: ssl.SSLContext) -> None:
+        """End TLS here with `context` and serve the tunnel's requests with a fresh handler of the same app."""
+        transport = _raw_transport(request)
+        # No public API hands out the web.Server behind a connection; calling it makes a new RequestHandler.
+        server = request.protocol._manager
+        assert server is not None
+        inner = server()
+        watcher = _ClosingWatcher(inner)
+        loop = asyncio.get_running_loop()
+        transport.write(ESTABLISHED)
+        try:
+            tls_transport = await loop.start_tls(
+                transport, watcher, context, server_side=True, ssl_handshake_timeout=_HANDSHAKE_TIMEOUT
+            )
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            log.debug("TLS handshake in tunnel to %s failed: %s", target.host, exc)
+            transport.close()
+            _detach(request)
+            return
+        if tls_transport is None:
+            _detach(request)
+            return
+        self._open[inner] = target
+        try:
+            watcher.connection_made(tls_transport)
+            await watcher.closed
+        finally:
+            del self._open[inner]
+            tls_transport.close()
+            _detach(request)
+
+
+async def blind(request: web.Request, addresses: list[tuple[str, int]]) -> None:
+    """Connect to the first reachable address (502 if none), then pipe bytes both ways until both sides end."""
+    loop = asyncio.get_running_loop()
+    upstream_side = _Pipe()
+    upstream: asyncio.Transport | None = None
+    for address, port in addresses:
+        try:
+            upstream, _ = await loop.create_connection(lambda: upstream_side, address, port)
+            break
+        except OSError as exc:
+            log.debug("tunnel connect to %s:%s failed: %s", address, port, exc)
+    if upstream is None:
+        raise BadGateway("The tunnel target could not be reached.", code="upstream_unreachable")
+    client = _raw_transport(request)
+    client_side = _Pipe()
+    client.pause_reading()
+    client.write(ESTABLISHED)
+    client.set_protocol(client_side)
+    client_side.connect(client, upstream)
+    upstream_side.connect(upstream, client)
+    client.resume_reading()
+    try:
+        await asyncio.gather(client_side.closed, upstream_side.closed)
+    finally:
+        client.close()
+        upstream.close()
+        _detach(request)
+
+
+def _raw_transport(request: web.Request) -> asyncio.Transport:
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client left before the tunnel opened")
+    return transport  # uvloop's transports implement asyncio.Transport without subclassing it
+
+
+def _detach(request: web.Request) -> None:
+    """Tell aiohttp the outer connection is gone, so it forgets it (it no longer owns the transport)."""
+    request.protocol.connection_lost(None)
+
+
+class _Pipe(asyncio.Protocol):
+    """One side of a blind tunnel: what it reads goes to the peer, with back-pressure, and EOF is passed on."""
+
+    def __init__(self) -> None:
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._own: asyncio.Transport | None = None
+        self._peer: asyncio.Transport | None = None
+        self._peer_pipe: _Pipe | None = None
+        self.saw_eof = False
+
+    def connect(self, own: asyncio.Transport, peer: asyncio.Transport) -> None:
+        self._own, self._peer = own, peer
+        peer_protocol = peer.get_protocol()
+        self._peer_pipe = peer_protocol if isinstance(peer_protocol, _Pipe) else None
+
+    def data_received(self, data: bytes) -> None:
+        if self._peer is not None:
+            self._peer.write(data)
+
+    def eof_received(self) -> bool:
+        self.saw_eof = True
+        if self._peer is None:
+            return False
+        if self._peer_pipe is not None and self._peer_pipe.saw_eof:
+            self._peer.close()  # both directions are done
+            return False
+        if self._peer.can_write_eof():
+            self._peer.write_eof()
+            return True  # keep our side open: the other direction may still carry data
+        self._peer.close()
+        return False
+
+    def pause_writing(self) -> None:
+        if self._peer is not None:
+            self._peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._peer is not None:
+            self._peer.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._peer is not None and not self._peer.is_closing():
+            self._peer.close()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class _ClosingWatcher(asyncio.Protocol):
+    """Delegates to aiohttp's RequestHandler (which has __slots__) and tells when the connection ends.
+
+    start_tls may hand over decrypted bytes before it returns the transport (the first request often rides with
+    the client's last handshake message); they wait here until the handler has its transport.
+    """
+
+    def __init__(self, handler: RequestHandler) -> None:
+        self.handler = handler
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._early: list[bytes] | None = []
+        self._early_eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._early is None or self.closed.done():
+            return
+        self.handler.connection_made(transport)
+        early, self._early = self._early, None
+        for data in early:
+            self.handler.data_received(data)
+        if self._early_eof:
+            self.handler.eof_received()
+
+    def data_received(self, data: bytes) -> None:
+        if self._early is not None:
+            self._early.append(data)
+        else:
+            self.handler.data_received(data)
+
+    def eof_received(self) -> None:
+        if self._early is not None:
+            self._early_eof = True
+        else:
+            self.handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._early is None:
+            self.handler.connection_lost(exc)
+        if not self.closed.done():
+            self.closed.set_result(None)
