@@ -32,20 +32,9 @@ class Backend:
 
 def backends_from(settings: Settings) -> tuple[Backend, ...]:
     if settings.mode is Mode.OPENAI:
-        return (
-            Backend(
-                "openai", Mode.OPENAI, settings.openai_base_url, settings.api_version, settings.model_map
-            ),
-        )
-    if settings.azure_endpoint is None:
+        name, kind, base_url = "openai", Mode.OPENAI, settings.openai_base_url
+    elif settings.azure_endpoint is None:
         raise ValueError("azure mode needs an endpoint")  # load_settings already refuses this for serve
-    return (
-        Backend(
-            "azure",
-            Mode.AZURE,
-            settings.azure_endpoint,
-            settings.api_version,
-            settings.model_map,
-            settings.azure_token,
-        ),
-    )
+    else:
+        name, kind, base_url = "azure", Mode.AZURE, settings.azure_endpoint
+    return (Backend(name, kind, base_url, settings.api_version, settings.model_map, settings.azure_token),)

@@ -10,7 +10,8 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import ConfigError, Settings, load_settings, parse_address, read_sources
+from .config import ConfigError, load_settings, parse_address, read_sources
+from .logs import configure_logging
 from .server import new_event_loop, run
 
 
@@ -39,7 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
     }
     settings = load_settings(read_sources(os.environ, flags))
-    _configure_logging(settings)
+    configure_logging(settings)
     run(settings)
     return 0
 
@@ -93,10 +94,6 @@ Make HTTPS_PROXY clients trust it:
 (SSL_CERT_FILE and REQUESTS_CA_BUNDLE replace the default trust store: to keep it, point them at a bundle
 holding both, e.g. cat "$(python3 -m certifi)" {path} > bundle.pem)""")
     return 0
-
-
-def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _default_to_serve(argv: list[str]) -> list[str]:

@@ -18,6 +18,9 @@ from typing import Final
 from dotenv import dotenv_values
 from yarl import URL
 
+from .addresses import is_ip_literal, is_loopback, is_public
+from .clients import Client, ClientConfigError, clients_from_file, clients_from_keys
+
 #: The newest GA version of the classic data plane. The original project's 2023-03-15-preview was retired in 2024.
 DEFAULT_API_VERSION: Final = "2024-10-21"
 DEFAULT_ADDRESS: Final = "0.0.0.0:8080"
@@ -120,6 +123,30 @@ class ForwardProxy:
 
 
 @dataclass(frozen=True, slots=True)
+class Access:
+    """Who may use azproxy. No clients: anyone who reaches it (their own Azure key, or the server's)."""
+
+    clients: tuple[Client, ...] = ()
+    allow_anonymous: bool = False
+    #: Shared rate-limit counters for several azproxy processes; None keeps them in this process.
+    redis_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what one client can make azproxy hold."""
+
+    max_body: int = DEFAULT_MAX_BODY
+    max_connections: int = 10_000
+    #: Seconds a new connection may take to send a complete request head.
+    header_timeout: float = 10.0
+    #: Seconds an idle keep-alive connection is kept.
+    keepalive_timeout: float = 75.0
+    max_header_size: int = 8190
+    max_headers: int = 100
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     address: Address = field(default_factory=lambda: parse_address(DEFAULT_ADDRESS))
     mode: Mode = Mode.AZURE
@@ -128,7 +155,7 @@ class Settings:
     model_map: Mapping[str, str] = field(default_factory=lambda: BUILTIN_MODEL_MAP)
     azure_token: Secret | None = None
     openai_base_url: URL = field(default_factory=lambda: URL(DEFAULT_OPENAI_BASE_URL))
-    max_body: int = DEFAULT_MAX_BODY
+    limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
     access_log: bool = False
     log_level: str = "INFO"
@@ -138,6 +165,13 @@ class Settings:
     #: Certificate and key files that make azproxy serve HTTPS on its address.
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    access: Access = Access()
+    #: Vet the configured endpoints' addresses like forward-proxy targets (public addresses only).
+    strict_endpoints: bool = False
+
+    @property
+    def has_server_credential(self) -> bool:
+        return self.azure_token is not None
 
 
 # Flags of `azproxy serve` and the variables they stand for; a flag wins over the variable.
@@ -184,7 +218,7 @@ def load_settings(source: Mapping[str, str], *, require_endpoint: bool = True) -
         )
     openai_base = _parse_url("AZPROXY_OPENAI_BASE_URL", source.get("AZPROXY_OPENAI_BASE_URL", ""))
     token = source.get("AZURE_OPENAI_TOKEN", "").strip()
-    return Settings(
+    settings = Settings(
         address=parse_address(source.get("AZURE_OPENAI_PROXY_ADDRESS", DEFAULT_ADDRESS)),
         mode=mode,
         azure_endpoint=endpoint,
@@ -192,7 +226,7 @@ def load_settings(source: Mapping[str, str], *, require_endpoint: bool = True) -
         model_map=parse_model_map(source.get("AZURE_OPENAI_MODEL_MAPPER", "")),
         azure_token=Secret(token) if token else None,
         openai_base_url=openai_base or URL(DEFAULT_OPENAI_BASE_URL),
-        max_body=_parse_size("AZPROXY_MAX_BODY", source.get("AZPROXY_MAX_BODY", "")) or DEFAULT_MAX_BODY,
+        limits=_parse_limits(source),
         timeouts=Timeouts(
             connect=_parse_seconds("AZPROXY_CONNECT_TIMEOUT", source.get("AZPROXY_CONNECT_TIMEOUT"), 10.0),
             read=_parse_seconds("AZPROXY_READ_TIMEOUT", source.get("AZPROXY_READ_TIMEOUT"), 300.0),
@@ -206,7 +240,87 @@ def load_settings(source: Mapping[str, str], *, require_endpoint: bool = True) -
         ),
         state_dir=_state_dir(source),
         **_parse_tls(source),
+        access=Access(
+            clients=_parse_clients(source),
+            allow_anonymous=_parse_bool("AZPROXY_ALLOW_ANONYMOUS", source.get("AZPROXY_ALLOW_ANONYMOUS", "")),
+            redis_url=source.get("AZPROXY_REDIS_URL", "").strip() or None,
+        ),
+        strict_endpoints=_parse_bool("AZPROXY_STRICT_ENDPOINTS", source.get("AZPROXY_STRICT_ENDPOINTS", "")),
     )
+    _check_access(settings)
+    _check_strict_endpoints(settings)
+    return settings
+
+
+def _check_access(settings: Settings) -> None:
+    """No open relay: a server-side credential on a reachable address needs client keys, or an explicit yes."""
+    access = settings.access
+    if access.clients and not settings.has_server_credential:
+        raise ConfigError(
+            "AZPROXY_API_KEYS / AZPROXY_CLIENTS_FILE need a server-side credential (AZURE_OPENAI_TOKEN): "
+            "client keys are azproxy's own and are never forwarded"
+        )
+    if (
+        settings.has_server_credential
+        and not access.clients
+        and not access.allow_anonymous
+        and not is_loopback(settings.address.host)
+    ):
+        raise ConfigError(
+            f"AZURE_OPENAI_TOKEN is set and azproxy would listen on {settings.address} with no client keys: "
+            "anyone who reaches it could spend your Azure quota. Set AZPROXY_API_KEYS or AZPROXY_CLIENTS_FILE, "
+            "listen on 127.0.0.1 (AZURE_OPENAI_PROXY_ADDRESS), or set AZPROXY_ALLOW_ANONYMOUS=true"
+        )
+
+
+def _check_strict_endpoints(settings: Settings) -> None:
+    """IP-literal endpoints are never resolved, so strict mode vets them here; host names at each connection."""
+    if not settings.strict_endpoints:
+        return
+    for name, url in (
+        ("AZURE_OPENAI_ENDPOINT", settings.azure_endpoint),
+        ("AZPROXY_OPENAI_BASE_URL", settings.openai_base_url),
+    ):
+        host = url.host if url is not None else None
+        if host and is_ip_literal(host) and not is_public(host):
+            raise ConfigError(f"{name}: {host} is not a public address and AZPROXY_STRICT_ENDPOINTS is true")
+
+
+def _parse_clients(source: Mapping[str, str]) -> tuple[Client, ...]:
+    clients = clients_from_keys(source.get("AZPROXY_API_KEYS", ""))
+    path = source.get("AZPROXY_CLIENTS_FILE", "").strip()
+    if path:
+        try:
+            clients += clients_from_file(Path(path).expanduser(), source)
+        except ClientConfigError as exc:
+            raise ConfigError(f"AZPROXY_CLIENTS_FILE: {exc}") from None
+    return clients
+
+
+def _parse_limits(source: Mapping[str, str]) -> Limits:
+    defaults = Limits()
+    return Limits(
+        max_body=_parse_size("AZPROXY_MAX_BODY", source.get("AZPROXY_MAX_BODY", "")) or defaults.max_body,
+        max_connections=_parse_count("AZPROXY_MAX_CONNECTIONS", source, defaults.max_connections),
+        header_timeout=_parse_seconds(
+            "AZPROXY_HEADER_TIMEOUT", source.get("AZPROXY_HEADER_TIMEOUT"), defaults.header_timeout
+        ),
+        keepalive_timeout=_parse_seconds(
+            "AZPROXY_KEEPALIVE_TIMEOUT", source.get("AZPROXY_KEEPALIVE_TIMEOUT"), defaults.keepalive_timeout
+        ),
+        max_header_size=_parse_size("AZPROXY_MAX_HEADER_SIZE", source.get("AZPROXY_MAX_HEADER_SIZE", ""))
+        or defaults.max_header_size,
+        max_headers=_parse_count("AZPROXY_MAX_HEADERS", source, defaults.max_headers),
+    )
+
+
+def _parse_count(name: str, source: Mapping[str, str], default: int) -> int:
+    text = source.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) == 0:
+        raise ConfigError(f"{name}: {text!r} is not a positive whole number")
+    return int(text)
 
 
 def parse_address(text: str) -> Address:

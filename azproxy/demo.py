@@ -7,9 +7,10 @@ import contextlib
 
 from aiohttp import web
 
-from .config import Address, Settings, load_settings
+from .config import Address, Limits, Settings, load_settings
 from .emulator import Emulator
-from .server import build_app, start_server
+from .listener import start_server
+from .server import build_app
 
 DEMO_KEY = "demo-azure-key"
 
@@ -24,7 +25,7 @@ async def run_demo(address: Address, *, once: bool) -> int:
     emulator = Emulator(api_keys={DEMO_KEY}, chunk_delay=0.05)
     runners: list[web.AppRunner] = []
     try:
-        emulator_runner, emulator_port = await start_server(emulator.app(), "127.0.0.1", 0)
+        emulator_runner, emulator_port = await start_server(emulator.app(), "127.0.0.1", 0, Limits())
         runners.append(emulator_runner)
         endpoint = f"http://127.0.0.1:{emulator_port}"
         settings = load_settings(
@@ -66,5 +67,5 @@ async def run_demo(address: Address, *, once: bool) -> int:
 async def _start_proxy(settings: Settings, address: Address) -> tuple[web.AppRunner, int]:
     """On the asked-for port, or on any free one when it is taken (a demo should not fail on that)."""
     with contextlib.suppress(OSError):
-        return await start_server(build_app(settings), address.host, address.port)
-    return await start_server(build_app(settings), address.host, 0)
+        return await start_server(build_app(settings), address.host, address.port, settings.limits)
+    return await start_server(build_app(settings), address.host, 0, settings.limits)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
 import aiohttp
@@ -16,11 +18,23 @@ log = logging.getLogger(__name__)
 #: Answers with a known length up to this size are read whole and sent with one write: cheaper than streaming.
 BUFFERED_LIMIT: Final = 256 * 1024
 
+UsageSink = Callable[[int], Awaitable[None]]
 
-async def relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-    """Send `upstream` to the client and always release it; a client that leaves closes the upstream at once."""
+
+async def relay(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    *,
+    extra_headers: Mapping[str, str] | None = None,
+    on_usage: UsageSink | None = None,
+) -> web.StreamResponse:
+    """Send `upstream` to the client and always release it; a client that leaves closes the upstream at once.
+
+    `extra_headers` replace the backend's (a client's own rate-limit headers); `on_usage` receives the tokens the
+    answer reports, for answers that report any.
+    """
     try:
-        response = await _relay(request, upstream)
+        response = await _relay(request, upstream, extra_headers, on_usage)
     except BaseException:
         upstream.close()  # not released to the pool: the backend must see the request end now
         raise
@@ -28,17 +42,26 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.S
     return response
 
 
-async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _relay(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    extra_headers: Mapping[str, str] | None,
+    on_usage: UsageSink | None,
+) -> web.StreamResponse:
     headers = copy_headers(upstream.headers, HOP_BY_HOP)
+    if extra_headers:
+        headers.update(extra_headers)
     is_sse = upstream.content_type == "text/event-stream"
     length = upstream.content_length
     if not is_sse and length is not None and length <= BUFFERED_LIMIT:
         body = await upstream.read()
+        if on_usage is not None and upstream.status == 200:
+            await on_usage(usage_in_json(body))
         return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     await response.prepare(request)
     if is_sse:
-        await _pipe_events(upstream, response)
+        await _pipe_events(upstream, response, on_usage)
     else:
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
@@ -46,16 +69,21 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
     return response
 
 
-async def _pipe_events(upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
+async def _pipe_events(
+    upstream: aiohttp.ClientResponse, response: web.StreamResponse, on_usage: UsageSink | None
+) -> None:
     """Each chunk is written as it arrives; the stream always ends on a complete event.
 
     A backend failure after the first byte can only be told as one last `data: {"error": ...}` event.
     """
     tail = b""
+    meter = _StreamMeter() if on_usage is not None else None
     try:
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
             tail = (tail + chunk)[-3:]
+            if meter is not None:
+                meter.feed(chunk)
     except (TimeoutError, aiohttp.ServerTimeoutError):
         failure: ProxyError | None = GatewayTimeout(
             "The backend stopped sending in the middle of the stream.", code="upstream_timeout"
@@ -64,12 +92,62 @@ async def _pipe_events(upstream: aiohttp.ClientResponse, response: web.StreamRes
         failure = ProxyError("The backend broke off the stream.", code="upstream_stream_broken")
     else:
         failure = None
+    if meter is not None and on_usage is not None:
+        await on_usage(meter.finish())
     ending = _event_terminator(tail)
     if failure is not None:
         log.warning("stream from backend ended early: %s", failure.message)
         ending += failure.to_event()
     if ending:
         await response.write(ending)
+
+
+def usage_in_json(body: bytes) -> int:
+    """`usage.total_tokens` of an answer (also under `response`, as the Responses API nests it), else 0."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return 0
+    return _total_tokens(document)
+
+
+def _total_tokens(document: object) -> int:
+    if not isinstance(document, dict):
+        return 0
+    usage = document.get("usage")
+    if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
+        return int(usage["total_tokens"])
+    return _total_tokens(document.get("response"))
+
+
+class _StreamMeter:
+    """Finds the usage an SSE stream reports (its final usage chunk); complete events mentioning it are parsed."""
+
+    _MAX_PARTIAL = 1024 * 1024
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self.tokens = 0
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._partial + chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._partial = data[-self._MAX_PARTIAL :]
+            return
+        self._partial = data[end + 2 :]
+        self._parse(data[:end])
+
+    def finish(self) -> int:
+        self._parse(self._partial)
+        return self.tokens
+
+    def _parse(self, events: bytes) -> None:
+        if b'"usage"' not in events:
+            return
+        for line in events.splitlines():
+            if line.startswith(b"data:") and b'"usage"' in line:
+                self.tokens = usage_in_json(line[5:]) or self.tokens
 
 
 def _event_terminator(tail: bytes) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import ssl
 from collections.abc import AsyncIterator
 
@@ -11,10 +12,13 @@ from aiohttp import web
 
 from . import mocks
 from .backends import backends_from
-from .config import Mode, Settings
+from .config import Settings
 from .edge.forward import forward_proxy
 from .errors import ProxyError, error_response, from_http_exception
+from .listener import start_server
+from .logs import protect_server_log
 from .pipeline import Handler, proxy
+from .ratelimit import MemoryCounters, RateLimiter, RedisCounters
 from .resolver import Resolver
 from .state import STATE, ProxyState
 from .upstream import UpstreamClient
@@ -25,9 +29,16 @@ log = logging.getLogger(__name__)
 def build_app(settings: Settings, resolver: Resolver | None = None) -> web.Application:
     """The whole proxy as one aiohttp app; `resolver` lets tests map public host names to loopback."""
     resolver = resolver or Resolver()
-    app = web.Application(client_max_size=settings.max_body, middlewares=[openai_errors, forward_proxy])
-    upstream = UpstreamClient(backends_from(settings), settings.timeouts, resolver)
-    app[STATE] = ProxyState(settings, upstream, resolver)
+    protect_server_log()
+    app = web.Application(
+        client_max_size=settings.limits.max_body, middlewares=[openai_errors, forward_proxy]
+    )
+    exempt = frozenset(target.host for target in settings.forward.tunnel_allow)
+    upstream = UpstreamClient(
+        backends_from(settings), settings.timeouts, resolver.for_connector(settings.strict_endpoints, exempt)
+    )
+    counters = RedisCounters(settings.access.redis_url) if settings.access.redis_url else MemoryCounters()
+    app[STATE] = ProxyState(settings, upstream, resolver, RateLimiter(counters))
     app.cleanup_ctx.append(_upstream_pool)
     app.on_response_prepare.append(_allow_any_origin)
     _add_routes(app, settings)
@@ -40,7 +51,7 @@ def _add_routes(app: web.Application, settings: Settings) -> None:
         router.add_get(path, _health, allow_head=True)
     router.add_route("HEAD", "/", _health)
     router.add_route("OPTIONS", "/{tail:.*}", _preflight)
-    if settings.mode is Mode.AZURE:
+    if settings.mode == "azure":
         for prefix in ("/v1", ""):
             router.add_get(f"{prefix}/models", _list_models)
             router.add_get(prefix + "/models/{model_id:.+}", _get_model)
@@ -66,10 +77,11 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
-    upstream = app[STATE].upstream
-    await upstream.start()
+    state = app[STATE]
+    await state.upstream.start()
     yield
-    await upstream.close()
+    await state.upstream.close()
+    await state.limiter.close()
 
 
 async def _allow_any_origin(_request: web.Request, response: web.StreamResponse) -> None:
@@ -85,28 +97,56 @@ async def _preflight(request: web.Request) -> web.Response:
 
 
 async def _list_models(request: web.Request) -> web.Response:
-    return mocks.list_models(request.app[STATE].settings.model_map)
+    return mocks.list_models(_visible_models(request))
 
 
 async def _get_model(request: web.Request) -> web.Response:
-    return mocks.get_model(request.app[STATE].settings.model_map, request.match_info["model_id"])
+    return mocks.get_model(_visible_models(request), request.match_info["model_id"])
+
+
+def _visible_models(request: web.Request) -> dict[str, str]:
+    """The mapper's models or, for a client with a model allowlist, exactly the models it may use."""
+    state = request.app[STATE]
+    tunnel = state.tunnels.tunnel_of(request)
+    client = state.access.identify(request.headers, tunnel.client if tunnel else None)
+    model_map = state.settings.model_map
+    if client is None or client.models is None:
+        return dict(model_map)
+    return {model: model_map.get(model, model) for model in sorted(client.models)}
 
 
 def run(settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM, on uvloop where it is installed."""
-    scheme = "https" if settings.tls_cert else "http"
-    web.run_app(
+    """Serve until SIGINT or SIGTERM, on uvloop where it is installed."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(_serve_until_stopped(settings))
+
+
+async def _serve_until_stopped(settings: Settings) -> None:
+    if settings.access.allow_anonymous and settings.has_server_credential and not settings.access.clients:
+        log.warning(
+            "AZPROXY_ALLOW_ANONYMOUS=true: anyone who reaches %s spends this Azure credential",
+            settings.address,
+        )
+    access_log = logging.getLogger("azproxy.access") if settings.access_log else None
+    app_runner, _ = await start_server(
         build_app(settings),
-        host=settings.address.host,
-        port=settings.address.port,
+        settings.address.host,
+        settings.address.port,
+        settings.limits,
         ssl_context=tls_context(settings),
-        loop=new_event_loop(),
-        handler_cancellation=True,
-        access_log=logging.getLogger("azproxy.access") if settings.access_log else None,
-        print=lambda _: log.info(
-            "azproxy %s mode listening on %s://%s", settings.mode, scheme, settings.address
-        ),
+        access_log=access_log,
     )
+    scheme = "https" if settings.tls_cert else "http"
+    log.info("azproxy %s mode listening on %s://%s", settings.mode, scheme, settings.address)
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopped.set)
+    try:
+        await stopped.wait()
+        log.info("stopping: finishing requests under way")
+    finally:
+        await app_runner.cleanup()
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -117,21 +157,6 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     context.load_cert_chain(settings.tls_cert, settings.tls_key)
     context.set_alpn_protocols(["http/1.1"])
     return context
-
-
-async def start_server(
-    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
-) -> tuple[web.AppRunner, int]:
-    """Start `app` inside a running loop (demo, emulator, tests); returns the runner and the bound port."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    bound_port: int = runner.addresses[0][1]
-    return runner, bound_port
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

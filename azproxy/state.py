@@ -4,20 +4,26 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .access import AccessControl
 from .config import Settings
 from .edge.certs import CertificateAuthority
 from .edge.tunnel import Tunnels
+from .ratelimit import RateLimiter
 from .resolver import Resolver
 from .upstream import UpstreamClient
 
 
 class ProxyState:
-    __slots__ = ("_certificate_authority", "resolver", "settings", "tunnels", "upstream")
+    __slots__ = ("_certificate_authority", "access", "limiter", "resolver", "settings", "tunnels", "upstream")
 
-    def __init__(self, settings: Settings, upstream: UpstreamClient, resolver: Resolver) -> None:
+    def __init__(
+        self, settings: Settings, upstream: UpstreamClient, resolver: Resolver, limiter: RateLimiter
+    ) -> None:
         self.settings = settings
         self.upstream = upstream
         self.resolver = resolver
+        self.limiter = limiter
+        self.access = AccessControl(settings.access.clients)
         self.tunnels = Tunnels()
         self._certificate_authority: CertificateAuthority | None = None
 

@@ -36,6 +36,8 @@ HOP_BY_HOP: Final = frozenset(
     }
 )
 
+_CLIENT_CREDENTIALS: Final = HOP_BY_HOP | frozenset({"authorization", "api-key"})
+
 #: Client headers Azure has no use for: OpenAI's credentials and account routing, and browser cookies.
 NOT_FOR_AZURE: Final = HOP_BY_HOP | frozenset(
     {"authorization", "api-key", "openai-organization", "openai-project", "cookie"}
@@ -88,9 +90,13 @@ def plan_request(incoming: IncomingRequest, mode: Mode) -> Plan:
 def to_upstream(plan: Plan, incoming: IncomingRequest, backend: Backend) -> UpstreamRequest:
     if backend.kind is Mode.OPENAI or plan.operation is None:
         url = URL(backend.origin + incoming.raw_path, encoded=True)
-        return UpstreamRequest(
-            incoming.method, url, copy_headers(incoming.headers, HOP_BY_HOP), incoming.body
-        )
+        if backend.api_key is None:
+            return UpstreamRequest(
+                incoming.method, url, copy_headers(incoming.headers, HOP_BY_HOP), incoming.body
+            )
+        headers = copy_headers(incoming.headers, _CLIENT_CREDENTIALS)
+        headers["Authorization"] = f"Bearer {backend.api_key.reveal()}"
+        return UpstreamRequest(incoming.method, url, headers, incoming.body)
     key = backend.api_key.reveal() if backend.api_key else plan.client_key
     if not key:
         raise Unauthorized(

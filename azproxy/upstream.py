@@ -12,7 +12,7 @@ from aiohttp import hdrs
 from .backends import Backend
 from .config import Timeouts
 from .errors import BadGateway, GatewayTimeout, ProxyError
-from .resolver import AiohttpResolver, Resolver
+from .resolver import AiohttpResolver
 from .translate import IncomingRequest, Plan, to_upstream
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ _LARGE_BODY = 1024 * 1024
 class UpstreamClient:
     """Owns the connection pool; created once at start-up, closed at shutdown."""
 
-    def __init__(self, backends: Sequence[Backend], timeouts: Timeouts, resolver: Resolver) -> None:
+    def __init__(self, backends: Sequence[Backend], timeouts: Timeouts, resolver: AiohttpResolver) -> None:
         if not backends:
             raise ValueError("at least one backend is needed")
         self.backends = tuple(backends)
@@ -37,7 +37,7 @@ class UpstreamClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, resolver=AiohttpResolver(self._resolver))
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, resolver=self._resolver)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -17,6 +18,34 @@ from azproxy.emulator import Emulator
 from azproxy.server import build_app
 
 AZURE_KEY = "azure-key-for-tests"
+
+#: Every secret a test hands azproxy; none may appear in any log record of the whole run (checked at the end).
+SECRETS: set[str] = {AZURE_KEY}
+
+
+class _RecordEverything(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+_ALL_LOGS = _RecordEverything()
+_ALL_LOGS.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+logging.getLogger().addHandler(_ALL_LOGS)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Secret hygiene over the whole run: keys, tokens and proxy passwords never reach a log line."""
+    leaked = sorted(secret for secret in SECRETS if any(secret in line for line in _ALL_LOGS.lines))
+    if leaked:
+        print(
+            f"\nSECRETS FOUND IN LOGS: {len(leaked)} of {len(SECRETS)} (e.g. one starting {leaked[0][:3]}...)"
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -70,7 +99,10 @@ async def make_proxy(start_server: ServerFactory, emulator_server: TestServer) -
     """azproxy in front of the emulator; keyword arguments are extra environment variables."""
 
     async def make(**environment: str) -> Proxy:
-        source = {"AZURE_OPENAI_ENDPOINT": str(emulator_server.make_url("")).rstrip("/")} | environment
+        source = {
+            "AZURE_OPENAI_ENDPOINT": str(emulator_server.make_url("")).rstrip("/"),
+            "AZURE_OPENAI_PROXY_ADDRESS": "127.0.0.1:8080",  # never bound: tests serve on a port of their own
+        } | environment
         return Proxy(await start_server(build_app(load_settings(source))))
 
     return make

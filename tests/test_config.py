@@ -23,7 +23,7 @@ def test_defaults() -> None:
     assert settings.model_map["gpt-3.5-turbo-0125"] == "gpt-35-turbo-0125"
     assert settings.azure_token is None
     assert settings.openai_base_url == URL("https://api.openai.com")
-    assert settings.max_body == 32 * 1024 * 1024
+    assert settings.limits.max_body == 32 * 1024 * 1024
 
 
 def test_mapper_adds_to_and_overrides_builtins() -> None:
@@ -36,7 +36,9 @@ def test_mapper_adds_to_and_overrides_builtins() -> None:
 
 
 def test_token_never_shows_in_repr() -> None:
-    settings = load_settings(ENDPOINT | {"AZURE_OPENAI_TOKEN": "very-secret-key"})
+    settings = load_settings(
+        ENDPOINT | {"AZURE_OPENAI_TOKEN": "very-secret-key", "AZURE_OPENAI_PROXY_ADDRESS": "127.0.0.1:8080"}
+    )
     assert settings.azure_token is not None
     assert settings.azure_token.reveal() == "very-secret-key"
     assert "very-secret-key" not in repr(settings)

@@ -26,9 +26,9 @@ async def forward_proxy(request: web.Request, handler: Handler) -> web.StreamRes
         await open_tunnel(request, request.app[STATE])
         return web.Response()  # never sent: the tunnel has taken the connection over
     state = request.app[STATE]
-    tunnel = state.tunnels.target_of(request)
+    tunnel = state.tunnels.tunnel_of(request)
     if tunnel is not None:
-        _check_tunnel_host(request, tunnel)
+        _check_tunnel_host(request, tunnel.target)
         return await handler(request)
     target = absolute_target(request)
     if target is None:
@@ -60,15 +60,16 @@ async def open_tunnel(request: web.Request, state: ProxyState) -> None:
     """Intercept, tunnel blindly, or refuse a CONNECT, by the mode and the configured host lists."""
     settings = state.settings
     check_proxy_auth(request, settings)
+    client = state.access.identify(request.headers)
     target = _connect_target(request)
-    intercepted = target.host in settings.forward.intercept_hosts
-    if intercepted and settings.mode is Mode.AZURE and target.port == 443:
-        context = state.certificate_authority().context_for(target.host)
-        await state.tunnels.intercept(request, target, context)
-    elif (
-        intercepted and settings.mode is Mode.OPENAI and target.port == 443
-    ) or settings.forward.allows_tunnel(target.host, target.port):
+    intercepted = target.host in settings.forward.intercept_hosts and target.port == 443
+    if settings.forward.allows_tunnel(target.host, target.port):
         await blind(request, await state.resolver.resolve(target.host, target.port))
+    elif intercepted and settings.mode is Mode.AZURE:
+        context = state.certificate_authority().context_for(target.host)
+        await state.tunnels.intercept(request, target, context, client)
+    elif intercepted:  # openai mode: the real api.openai.com, so only ever a public address
+        await blind(request, await state.resolver.resolve(target.host, target.port, public_only=True))
     else:
         raise Forbidden(
             f"azproxy does not open tunnels to {target.host}:{target.port}.", code="tunnel_target_forbidden"

@@ -16,6 +16,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from azproxy.clients import Client
 from azproxy.errors import BadGateway
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,20 @@ class TunnelTarget:
     port: int
 
 
+@dataclass(frozen=True, slots=True)
+class OpenTunnel:
+    target: TunnelTarget
+    #: The client whose key the CONNECT presented (access control on), inherited by requests inside.
+    client: Client | None
+
+
 class Tunnels:
     """Which request handler serves which intercepted tunnel, so requests inside it are known as such."""
 
     def __init__(self) -> None:
-        self._open: dict[RequestHandler, TunnelTarget] = {}
+        self._open: dict[RequestHandler, OpenTunnel] = {}
 
-    def target_of(self, request: web.Request) -> TunnelTarget | None:
+    def tunnel_of(self, request: web.Request) -> OpenTunnel | None:
         if not self._open:
             return None
         return self._open.get(request.protocol)
@@ -44,7 +52,9 @@ class Tunnels:
     def __len__(self) -> int:
         return len(self._open)
 
-    async def intercept(self, request: web.Request, target: TunnelTarget, context: ssl.SSLContext) -> None:
+    async def intercept(
+        self, request: web.Request, target: TunnelTarget, context: ssl.SSLContext, client: Client | None
+    ) -> None:
         """End TLS here with `context` and serve the tunnel's requests with a fresh handler of the same app."""
         transport = _raw_transport(request)
         # No public API hands out the web.Server behind a connection; calling it makes a new RequestHandler.
@@ -66,7 +76,7 @@ class Tunnels:
         if tls_transport is None:
             _detach(request)
             return
-        self._open[inner] = target
+        self._open[inner] = OpenTunnel(target, client)
         try:
             watcher.connection_made(tls_transport)
             await watcher.closed
