@@ -1,81 +1,57 @@
 """An Azure OpenAI data-plane emulator: the checks, errors and stream shapes of the real service, in-process.
 
-It records every request it receives, so tests assert on what "Azure" saw, and it can be told to fail (429 with
-`retry-after`), to pace or hold its streams, and it notices when a client leaves mid-stream.
+It serves both URL styles: classic (`/openai/deployments/{name}/{operation}` and `/openai/{path}`, with a dated
+`api-version`) and v1 (`/openai/v1/{operation}`, the deployment named by the body's `model`). It records every
+request it receives, so tests assert on what "Azure" saw, and it can be told to fail (429 with `retry-after`),
+to pace or hold its streams, and it notices when a client leaves mid-stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict, MultiDict
 from yarl import URL
 
-from . import answers
+from . import inference
+from .assistants import Assistants
+from .calls import Answer, AzureError, Call, Endpoint, Stream, headers
+from .deployments import DEFAULT_DEPLOYMENTS, Catalog, Deployment
+from .multipart import Form, parse_form
+from .realtime import RealtimeSession
+from .resources import Resources
+from .responses import Responses
+from .vector_stores import VectorStores
+from .versions import classic_allows, v1_allows
 
-#: The data-plane versions the emulator accepts, as Azure does today; retired previews get 404 like Azure's.
-API_VERSIONS: Final = frozenset(
-    {
-        "2023-05-15",
-        "2024-02-01",
-        "2024-06-01",
-        "2024-10-21",
-        "2024-08-01-preview",
-        "2024-09-01-preview",
-        "2024-10-01-preview",
-        "2024-12-01-preview",
-        "2025-01-01-preview",
-        "2025-03-01-preview",
-        "2025-04-01-preview",
-    }
+_KEY_REFUSED: Final = (
+    "Access denied due to invalid subscription key or wrong API endpoint. "
+    "Make sure to provide a valid key for an active subscription and use a correct "
+    "regional API endpoint for your resource."
+)
+_TOKEN_REFUSED: Final = (
+    "Unauthorized. Access token is missing, invalid, audience is incorrect "
+    "(https://cognitiveservices.azure.com), or have expired."
 )
 
-_OPERATIONS_BY_KIND: Final = {
-    "chat": frozenset({"chat/completions"}),
-    "completion": frozenset({"completions"}),
-    "embedding": frozenset({"embeddings"}),
-}
-_RESPONSE_HEADERS: Final = {
-    "x-ms-region": "East US",
-    "x-ratelimit-remaining-requests": "119",
-    "x-ratelimit-remaining-tokens": "119000",
-    "azureml-model-session": "emulator",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Deployment:
-    """A deployment: its name, the Azure model name answers report, and which operations it can do."""
-
-    name: str
-    model: str
-    kind: str = "chat"
-
-
-DEFAULT_DEPLOYMENTS: Final = (
-    Deployment("gpt-35-turbo", "gpt-35-turbo"),
-    Deployment("gpt-35-turbo-instruct", "gpt-35-turbo-instruct", "completion"),
-    Deployment("gpt-4o", "gpt-4o-2024-08-06"),
-    Deployment("gpt-4o-mini", "gpt-4o-mini-2024-07-18"),
-    Deployment("gpt-4.1-mini", "gpt-4.1-mini-2025-04-14"),
-    Deployment("text-embedding-3-small", "text-embedding-3-small", "embedding"),
-    Deployment("text-embedding-ada-002", "text-embedding-ada-002", "embedding"),
-)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True, slots=True)
 class ReceivedRequest:
+    """A request as the emulator received it, body byte for byte (and, for forms, parsed too)."""
+
     method: str
     url: URL
     headers: CIMultiDict[str]
     body: bytes
+    multipart: Form | None = field(default=None, repr=False)
 
     @property
     def path(self) -> str:
@@ -88,6 +64,14 @@ class ReceivedRequest:
     def json(self) -> Any:
         return json.loads(self.body)
 
+    def form(self) -> Form:
+        """The multipart/form-data parts as received: `.fields["purpose"]`, `.files["file"].content`."""
+        if self.multipart is None:
+            raise ValueError(
+                f"{self.method} {self.path} did not carry a well-formed multipart/form-data body"
+            )
+        return self.multipart
+
 
 @dataclass(frozen=True, slots=True)
 class CannedFailure:
@@ -97,7 +81,10 @@ class CannedFailure:
 
 
 class Emulator:
-    """The emulator's state; `app()` serves it. Keys empty: any non-empty `api-key` is accepted."""
+    """The emulator's state; `app()` serves it. Keys empty: any non-empty `api-key` is accepted.
+
+    `entra_tokens` are the Microsoft Entra ID tokens accepted as `Authorization: Bearer TOKEN` instead of a key.
+    """
 
     def __init__(
         self,
@@ -107,13 +94,18 @@ class Emulator:
         chunks: int | None = None,
         chunk_delay: float = 0.0,
         record: bool = True,
+        entra_tokens: Iterable[str] = (),
     ) -> None:
         self.api_keys = frozenset(api_keys)
-        self.deployments = {d.name: d for d in deployments}
+        self.entra_tokens = frozenset(entra_tokens)
+        self.catalog = Catalog(deployments)
+        self.deployments = self.catalog.by_name
         self.chunks = chunks
         self.chunk_delay = chunk_delay
         self.record = record
         self.received: list[ReceivedRequest] = []
+        #: Every WebSocket frame realtime clients sent, text or binary, in order (when recording).
+        self.realtime_frames: list[str | bytes] = []
         self.failures: deque[CannedFailure] = deque()
         #: When set, streams pause after their first content chunk until the event is set.
         self.stream_gate: asyncio.Event | None = None
@@ -122,6 +114,10 @@ class Emulator:
         self.streams_aborted = 0
         self.stream_aborted = asyncio.Event()
         self.chunks_sent = 0
+        self.resources = Resources(self.catalog)
+        self.assistants = Assistants(self.catalog)
+        self.vector_stores = VectorStores(self.resources.files)
+        self.responses = Responses(self.catalog)
 
     @property
     def last(self) -> ReceivedRequest:
@@ -133,118 +129,166 @@ class Emulator:
             f"Requests to the Azure OpenAI API have exceeded the rate limit of your current pricing tier. "
             f"Please retry after {retry_after} seconds."
         )
-        headers = {"retry-after": str(retry_after), "retry-after-ms": str(retry_after * 1000)}
+        failure_headers = {"retry-after": str(retry_after), "retry-after-ms": str(retry_after * 1000)}
         for _ in range(times):
             self.failures.append(
-                CannedFailure(status, {"error": {"code": str(status), "message": message}}, headers)
+                CannedFailure(status, {"error": {"code": str(status), "message": message}}, failure_headers)
             )
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route(
-            "*", "/openai/deployments/{deployment}/{operation:.+}", self._deployment_operation
+        router = app.router
+        router.add_get("/openai/realtime", self._realtime(v1=False))
+        router.add_get("/openai/v1/realtime", self._realtime(v1=True))
+        router.add_route("*", "/openai/deployments/{deployment}/{operation:.+}", self._deployment_operation)
+        for operation in inference.OPERATIONS:
+            router.add_route("*", f"/openai/v1/{operation}", self._v1_deployment_operation(operation))
+        endpoints = (
+            *self.resources.endpoints(),
+            *self.assistants.endpoints(),
+            *self.vector_stores.endpoints(),
+            *self.responses.endpoints(),
         )
-        app.router.add_route("*", "/{tail:.*}", self._not_found)
+        for endpoint in endpoints:
+            router.add_route(endpoint.method, f"/openai/{endpoint.path}", self._endpoint(endpoint, v1=False))
+            if endpoint.v1:
+                router.add_route(
+                    endpoint.method, f"/openai/v1/{endpoint.path}", self._endpoint(endpoint, v1=True)
+                )
+        router.add_route("*", "/{tail:.*}", self._not_found)
         return app
 
     async def _deployment_operation(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        if self.record:
-            self.received.append(
-                ReceivedRequest(request.method, request.url, CIMultiDict(request.headers), body)
-            )
-        refusal = self._refusal(request)
+        """Classic style: the deployment in the path; unknown → 404, before the operation and method are looked at."""
+        operation = request.match_info["operation"]
+
+        def handle(call: Call) -> Answer:
+            deployment = self.catalog.resolve(request.match_info["deployment"], operation)
+            if request.method != "POST":
+                raise AzureError(405, "405", "Method not allowed")
+            return inference.answer(call, operation, deployment)
+
+        return await self._serve(request, operation, False, handle)
+
+    def _v1_deployment_operation(self, operation: str) -> Handler:
+        """v1 style: the body's `model` (JSON, or the form field) names the deployment."""
+
+        def handle(call: Call) -> Answer:
+            if call.request.method != "POST":
+                raise AzureError(405, "405", "Method not allowed")
+            deployment = self.catalog.resolve(inference.named_deployment(call, operation), operation)
+            return inference.answer(call, operation, deployment)
+
+        async def serve(request: web.Request) -> web.StreamResponse:
+            return await self._serve(request, operation, True, handle)
+
+        return serve
+
+    def _endpoint(self, endpoint: Endpoint, v1: bool) -> Handler:
+        async def serve(request: web.Request) -> web.StreamResponse:
+            return await self._serve(request, endpoint.operation, v1, endpoint.handler)
+
+        return serve
+
+    async def _serve(
+        self, request: web.Request, operation: str, v1: bool, handle: Callable[[Call], Answer]
+    ) -> web.StreamResponse:
+        call = await self._receive(request, v1)
+        refusal = self._refusal(request, operation, v1)
         if refusal is not None:
             return refusal
-        deployment = self.deployments.get(request.match_info["deployment"])
-        if deployment is None:
-            return _azure_error(
-                404,
-                "DeploymentNotFound",
-                "The API deployment for this resource does not exist. "
-                "If you created the deployment within the last 5 minutes, please wait a moment "
-                "and try again.",
-            )
-        operation = request.match_info["operation"]
-        if operation not in _OPERATIONS_BY_KIND.get(deployment.kind, ()):
-            return _azure_error(
-                400,
-                "OperationNotSupported",
-                f"The {operation} operation does not work with the "
-                f"specified model, {deployment.model}. Please choose different model and try again.",
-            )
-        if request.method != "POST":
-            return _azure_error(405, "405", "Method not allowed")
         try:
-            document = json.loads(body)
-            if not isinstance(document, dict):
-                raise ValueError
-        except ValueError:
-            return _azure_error(400, "BadRequest", "Could not parse the request body as JSON.")
-        return await self._answer(request, operation, deployment, document)
+            answer = handle(call)
+        except AzureError as error:
+            return error.response()
+        return await self._stream(request, answer) if isinstance(answer, Stream) else answer
 
-    def _refusal(self, request: web.Request) -> web.Response | None:
-        """Azure's checks, in Azure's order: credentials, api-version, then injected failures."""
-        key = request.headers.get("api-key")
-        bearer = request.headers.get("Authorization")
-        if bearer is not None or not key or (self.api_keys and key not in self.api_keys):
-            # A bearer next to api-key is read as an Entra token, and the emulator knows none.
-            return _azure_error(
-                401,
-                "401",
-                "Access denied due to invalid subscription key or wrong API endpoint. "
-                "Make sure to provide a valid key for an active subscription and use a correct "
-                "regional API endpoint for your resource.",
+    async def _receive(self, request: web.Request, v1: bool) -> Call:
+        """Read and record the request; a multipart body is also parsed, for the handler and for `.form()`."""
+        body = await request.read()
+        form = None
+        if request.content_type == "multipart/form-data":
+            form = await parse_form(request.headers[hdrs.CONTENT_TYPE], body)
+        if self.record:
+            self.received.append(
+                ReceivedRequest(request.method, request.url, CIMultiDict(request.headers), body, form)
             )
-        if (
-            request.query.get("api-version") not in API_VERSIONS
-            or len(request.query.getall("api-version")) != 1
-        ):
-            return _azure_error(404, "404", "Resource not found")
+        return Call(request, body, form, v1, _int_header(request, "x-emulator-chunks", self.chunks))
+
+    def _refusal(
+        self, request: web.Request, operation: str, v1: bool, key_in_query: bool = False
+    ) -> web.Response | None:
+        """Azure's checks, in Azure's order: credentials, api-version, then injected failures."""
+        refused = self._credentials_refused(request, v1, key_in_query)
+        if refused is not None:
+            return AzureError(401, "401", refused).response()
+        versions = request.query.getall("api-version", [])
+        if v1 and not v1_allows(versions):
+            return AzureError(400, "BadRequest", "API version not supported").response()
+        if not v1 and not classic_allows(operation, versions):
+            return AzureError(404, "404", "Resource not found").response()
         if self.failures:
             failure = self.failures.popleft()
             return web.json_response(failure.body, status=failure.status, headers=failure.headers)
         return None
 
-    async def _answer(
-        self, request: web.Request, operation: str, deployment: Deployment, body: dict[str, Any]
-    ) -> web.StreamResponse:
-        if answers.FILTER_TRIGGER in answers.prompt_text(body):
-            return web.json_response(answers.content_filter_refusal(), status=400, headers=_headers())
-        if operation == "embeddings":
-            return web.json_response(answers.embeddings(body, deployment.model), headers=_headers())
-        chunks = _int_header(request, "x-emulator-chunks", self.chunks)
-        pieces = answers.answer_pieces(body, chunks)
-        chat = operation == "chat/completions"
-        if body.get("stream") is True:
-            events = (answers.chat_stream if chat else answers.completion_stream)(
-                body, deployment.model, pieces
-            )
-            first_content = 2 if chat else 1  # after the filter-only chunk (and the role chunk in chat)
-            return await self._stream(request, events, range(first_content, first_content + len(pieces)))
-        document = (answers.chat_completion if chat else answers.text_completion)(
-            body, deployment.model, pieces
-        )
-        return web.json_response(document, headers=_headers())
+    def _credentials_refused(self, request: web.Request, v1: bool, key_in_query: bool) -> str | None:
+        """Why the credentials fail, or None.
 
-    async def _stream(
-        self, request: web.Request, events: Iterator[dict[str, Any]], content: range
-    ) -> web.StreamResponse:
+        A bearer is read as an Entra token, even next to an `api-key`; only v1, like OpenAI's API, also takes the
+        resource key as a bearer. Realtime takes `?api-key=` too: browsers cannot set headers on a WebSocket.
+        """
+        key = request.headers.get("api-key")
+        if key is None and key_in_query:
+            key = request.query.get("api-key")
+        authorization = request.headers.get("Authorization", "").strip()
+        if not authorization:
+            return None if self._key_accepted(key) else _KEY_REFUSED
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer" and token in self.entra_tokens:
+            return None
+        if v1 and key is None and scheme.lower() == "bearer" and self._key_accepted(token):
+            return None
+        return _TOKEN_REFUSED if key is None else _KEY_REFUSED
+
+    def _key_accepted(self, key: str | None) -> bool:
+        return bool(key) and (not self.api_keys or key in self.api_keys)
+
+    def _realtime(self, v1: bool) -> Handler:
+        """The WebSocket upgrade, refused before it happens (401, 404, unknown deployment) as Azure refuses it."""
+
+        async def serve(request: web.Request) -> web.StreamResponse:
+            call = await self._receive(request, v1)
+            refusal = self._refusal(request, "realtime", v1, key_in_query=True)
+            if refusal is not None:
+                return refusal
+            try:
+                deployment = self.catalog.resolve(
+                    request.query.get("model" if v1 else "deployment"), "realtime"
+                )
+            except AzureError as error:
+                return error.response()
+            frames = self.realtime_frames if self.record else []
+            session = RealtimeSession(deployment, v1, frames, call.chunks)
+            return await session.serve(request)
+
+        return serve
+
+    async def _stream(self, request: web.Request, stream: Stream) -> web.StreamResponse:
         delay = _float_header(request, "x-emulator-delay", self.chunk_delay)
-        response = web.StreamResponse(
-            headers=_headers() | {"Content-Type": "text/event-stream; charset=utf-8"}
-        )
+        response = web.StreamResponse(headers=headers() | {"Content-Type": stream.content_type})
         self.streams_started += 1
         try:
             await response.prepare(request)
-            for index, event in enumerate(events):
-                await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            for index, piece in enumerate(stream.pieces):
+                await response.write(piece)
                 self.chunks_sent += 1
-                if index == content.start and self.stream_gate is not None:
+                if index == stream.content.start and self.stream_gate is not None:
                     await self.stream_gate.wait()
-                elif index in content and delay:
+                elif index in stream.content and delay:
                     await asyncio.sleep(delay)
-            await response.write(b"data: [DONE]\n\n")
+            if stream.trailer:
+                await response.write(stream.trailer)
             await response.write_eof()
         except (ConnectionError, asyncio.CancelledError):
             self.streams_aborted += 1
@@ -259,16 +303,7 @@ class Emulator:
             self.received.append(
                 ReceivedRequest(request.method, request.url, CIMultiDict(request.headers), body)
             )
-        return _azure_error(404, "404", "Resource not found")
-
-
-def _azure_error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=_headers())
-
-
-def _headers() -> dict[str, str]:
-    request_id = str(uuid.uuid4())
-    return _RESPONSE_HEADERS | {"apim-request-id": request_id, "x-request-id": request_id}
+        return AzureError(404, "404", "Resource not found").response()
 
 
 def _int_header(request: web.Request, name: str, default: int | None) -> int | None:
