@@ -68,6 +68,7 @@ def _emulator(args: argparse.Namespace) -> int:
         loop=new_event_loop(),
         handler_cancellation=True,
         access_log=None,
+        backlog=1024,  # hundreds of streams may open at once in a benchmark
         print=lambda _: logging.info("Azure OpenAI emulator on http://%s", address),
     )
     return 0

@@ -5,6 +5,7 @@ No other module reads the environment; everything downstream receives a `Setting
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -13,13 +14,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final
+from typing import Final, TypeVar
 
 from dotenv import dotenv_values
 from yarl import URL
 
 from .addresses import is_ip_literal, is_loopback, is_public
 from .clients import Client, ClientConfigError, clients_from_file, clients_from_keys
+from .operations import OPERATIONS
 
 #: The newest GA version of the classic data plane. The original project's 2023-03-15-preview was retired in 2024.
 DEFAULT_API_VERSION: Final = "2024-10-21"
@@ -49,11 +51,31 @@ _HOST_NAME: Final = re.compile(
 )
 
 
+_Choice = TypeVar("_Choice", bound=StrEnum)
+
+
 class ConfigError(ValueError):
     """A setting has a bad value; the message names the variable and the bad part."""
 
 
 class Mode(StrEnum):
+    AZURE = "azure"
+    OPENAI = "openai"
+
+
+class ApiStyle(StrEnum):
+    """Azure's URL styles: classic deployment paths with a dated api-version, or the v1 API."""
+
+    DEPLOYMENTS = "deployments"
+    V1 = "v1"
+
+
+class AuthMode(StrEnum):
+    KEY = "key"
+    ENTRA = "entra"
+
+
+class ResponseShape(StrEnum):
     AZURE = "azure"
     OPENAI = "openai"
 
@@ -168,10 +190,15 @@ class Settings:
     access: Access = Access()
     #: Vet the configured endpoints' addresses like forward-proxy targets (public addresses only).
     strict_endpoints: bool = False
+    api_style: ApiStyle = ApiStyle.DEPLOYMENTS
+    #: api-version per operation family (`responses`, `assistants`, ...), over the built-in needs.
+    version_overrides: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    auth: AuthMode = AuthMode.KEY
+    response_shape: ResponseShape = ResponseShape.AZURE
 
     @property
     def has_server_credential(self) -> bool:
-        return self.azure_token is not None
+        return self.azure_token is not None or self.auth is AuthMode.ENTRA
 
 
 # Flags of `azproxy serve` and the variables they stand for; a flag wins over the variable.
@@ -210,7 +237,7 @@ def read_sources(
 
 def load_settings(source: Mapping[str, str], *, require_endpoint: bool = True) -> Settings:
     """Build Settings from merged variables (see `read_sources`); raise ConfigError naming what is wrong."""
-    mode = _parse_mode(source.get("AZURE_OPENAI_PROXY_MODE", Mode.AZURE.value))
+    mode = _parse_choice(Mode, "AZURE_OPENAI_PROXY_MODE", source)
     endpoint = _parse_url("AZURE_OPENAI_ENDPOINT", source.get("AZURE_OPENAI_ENDPOINT", ""))
     if endpoint is None and mode is Mode.AZURE and require_endpoint:
         raise ConfigError(
@@ -246,6 +273,10 @@ def load_settings(source: Mapping[str, str], *, require_endpoint: bool = True) -
             redis_url=source.get("AZPROXY_REDIS_URL", "").strip() or None,
         ),
         strict_endpoints=_parse_bool("AZPROXY_STRICT_ENDPOINTS", source.get("AZPROXY_STRICT_ENDPOINTS", "")),
+        api_style=_parse_choice(ApiStyle, "AZPROXY_AZURE_API", source),
+        version_overrides=_parse_version_overrides(source.get("AZPROXY_APIVERSION_OVERRIDES", "")),
+        auth=_parse_auth(source),
+        response_shape=_parse_choice(ResponseShape, "AZPROXY_RESPONSE_SHAPE", source),
     )
     _check_access(settings)
     _check_strict_endpoints(settings)
@@ -284,6 +315,37 @@ def _check_strict_endpoints(settings: Settings) -> None:
         host = url.host if url is not None else None
         if host and is_ip_literal(host) and not is_public(host):
             raise ConfigError(f"{name}: {host} is not a public address and AZPROXY_STRICT_ENDPOINTS is true")
+
+
+def _parse_choice(kind: type[_Choice], name: str, source: Mapping[str, str]) -> _Choice:
+    text = source.get(name, "").strip().lower()
+    if not text:
+        return next(iter(kind))
+    try:
+        return kind(text)
+    except ValueError:
+        choices = " or ".join(repr(member.value) for member in kind)
+        raise ConfigError(f"{name}: {text!r} is not {choices}") from None
+
+
+def _parse_auth(source: Mapping[str, str]) -> AuthMode:
+    auth = _parse_choice(AuthMode, "AZPROXY_AUTH", source)
+    if auth is AuthMode.ENTRA and importlib.util.find_spec("azure.identity") is None:
+        raise ConfigError("AZPROXY_AUTH=entra needs azure-identity: pip install 'azproxy[entra]'")
+    return auth
+
+
+def _parse_version_overrides(text: str) -> Mapping[str, str]:
+    overrides = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        family, sep, version = (piece.strip() for piece in entry.partition("="))
+        if not sep or not version:
+            raise ConfigError(f"AZPROXY_APIVERSION_OVERRIDES: entry {entry!r} is not operation=api-version")
+        if family not in OPERATIONS:
+            known = ", ".join(sorted(OPERATIONS))
+            raise ConfigError(f"AZPROXY_APIVERSION_OVERRIDES: unknown operation {family!r} (known: {known})")
+        overrides[family] = version
+    return MappingProxyType(overrides)
 
 
 def _parse_clients(source: Mapping[str, str]) -> tuple[Client, ...]:
@@ -402,13 +464,6 @@ def _parse_tls(source: Mapping[str, str]) -> dict[str, Path | None]:
         if value and not Path(value).is_file():
             raise ConfigError(f"{name}: no such file: {value}")
     return {"tls_cert": Path(cert) if cert else None, "tls_key": Path(key) if key else None}
-
-
-def _parse_mode(text: str) -> Mode:
-    try:
-        return Mode(text.strip().lower())
-    except ValueError:
-        raise ConfigError(f"AZURE_OPENAI_PROXY_MODE: {text!r} is neither 'azure' nor 'openai'") from None
 
 
 def _parse_url(name: str, text: str) -> URL | None:

@@ -1,4 +1,5 @@
-"""The table of OpenAI operations azproxy translates, and how an incoming path finds its row."""
+"""The table of OpenAI operations azproxy translates: where Azure serves each one, where its model is named,
+and which api-version it needs."""
 
 from __future__ import annotations
 
@@ -16,35 +17,79 @@ class Scope(Enum):
     RESOURCE = "resource"
 
 
-class BodyKind(Enum):
-    JSON = "json"
-    NONE = "none"
+class ModelIn(Enum):
+    """Where the request names its model."""
+
+    JSON = "json"  # the JSON body's top-level `model`
+    FORM = "form"  # a multipart form field `model`
+    QUERY = "query"  # the `model` query parameter (realtime)
+    NOWHERE = "nowhere"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionNeed:
+    """The api-version an operation needs: from `since` on, previews only if so; `fallback` when the
+    configured default does not qualify (dates from Azure's REST specs)."""
+
+    since: str
+    preview_only: bool = False
+    fallback: str = "2025-04-01-preview"
+
+    def accepts(self, version: str) -> bool:
+        return version[:10] >= self.since and (not self.preview_only or version.endswith("-preview"))
 
 
 @dataclass(frozen=True, slots=True)
 class Operation:
-    """One OpenAI operation: its path after `/v1/`, the methods it takes, and how Azure wants it."""
+    """One OpenAI operation family. `name` is its path after `/v1/` (resource families: the first segment)."""
 
-    path: str
-    methods: frozenset[str]
+    name: str
     scope: Scope
-    body: BodyKind
+    model_in: ModelIn
+    #: A resource operation whose body names a model that Azure reads as a deployment (Responses, assistants).
+    model_is_deployment: bool = False
+    need: VersionNeed | None = None
+    websocket: bool = False
+
+    @property
+    def requires_model(self) -> bool:
+        return self.scope is Scope.DEPLOYMENT
 
 
-def _deployment_json(path: str) -> Operation:
-    return Operation(path, frozenset({"POST"}), Scope.DEPLOYMENT, BodyKind.JSON)
+_PREVIEW_ASSISTANTS: Final = VersionNeed("2024-05-01", preview_only=True)
 
-
-OPERATIONS: Final[Mapping[str, Operation]] = MappingProxyType(
-    {
-        op.path: op
-        for op in (
-            _deployment_json("chat/completions"),
-            _deployment_json("completions"),
-            _deployment_json("embeddings"),
-        )
-    }
+_OPERATIONS: Final = (
+    Operation("chat/completions", Scope.DEPLOYMENT, ModelIn.JSON),
+    Operation("completions", Scope.DEPLOYMENT, ModelIn.JSON),
+    Operation("embeddings", Scope.DEPLOYMENT, ModelIn.JSON),
+    Operation("images/generations", Scope.DEPLOYMENT, ModelIn.JSON),
+    Operation("images/edits", Scope.DEPLOYMENT, ModelIn.FORM, need=VersionNeed("2025-04-01")),
+    Operation("images/variations", Scope.DEPLOYMENT, ModelIn.FORM, need=VersionNeed("2025-04-01")),
+    Operation("audio/transcriptions", Scope.DEPLOYMENT, ModelIn.FORM),
+    Operation("audio/translations", Scope.DEPLOYMENT, ModelIn.FORM),
+    Operation("audio/speech", Scope.DEPLOYMENT, ModelIn.JSON),
+    Operation(
+        "realtime", Scope.DEPLOYMENT, ModelIn.QUERY, need=VersionNeed("2024-10-01", True), websocket=True
+    ),
+    Operation("files", Scope.RESOURCE, ModelIn.NOWHERE),
+    Operation(
+        "batches", Scope.RESOURCE, ModelIn.NOWHERE, need=VersionNeed("2024-07-01", fallback="2024-10-21")
+    ),
+    Operation("fine_tuning", Scope.RESOURCE, ModelIn.NOWHERE),  # its model is a base model, not a deployment
+    Operation("models", Scope.RESOURCE, ModelIn.NOWHERE),
+    Operation("assistants", Scope.RESOURCE, ModelIn.JSON, model_is_deployment=True, need=_PREVIEW_ASSISTANTS),
+    Operation("threads", Scope.RESOURCE, ModelIn.JSON, model_is_deployment=True, need=_PREVIEW_ASSISTANTS),
+    Operation("vector_stores", Scope.RESOURCE, ModelIn.NOWHERE, need=_PREVIEW_ASSISTANTS),
+    Operation(
+        "responses",
+        Scope.RESOURCE,
+        ModelIn.JSON,
+        model_is_deployment=True,
+        need=VersionNeed("2025-03-01", True),
+    ),
 )
+
+OPERATIONS: Final[Mapping[str, Operation]] = MappingProxyType({op.name: op for op in _OPERATIONS})
 
 
 def operation_path(path: str) -> str:
@@ -53,4 +98,10 @@ def operation_path(path: str) -> str:
 
 
 def find_operation(path: str) -> Operation | None:
-    return OPERATIONS.get(operation_path(path))
+    """Deployment operations match their whole path; resource operations their first segment (ids follow)."""
+    relative = operation_path(path)
+    operation = OPERATIONS.get(relative)
+    if operation is not None:
+        return operation
+    operation = OPERATIONS.get(relative.partition("/")[0])
+    return operation if operation is not None and operation.scope is Scope.RESOURCE else None

@@ -9,9 +9,11 @@ from yarl import URL
 
 from .backends import Backend
 from .clients import Client
-from .config import Mode
+from .config import Mode, ResponseShape
 from .edge.incoming import read_incoming
+from .realtime import bridge
 from .relay import UsageSink, relay
+from .rewrite import Rewrite
 from .state import STATE, ProxyState
 from .translate import Plan, plan_request
 
@@ -20,17 +22,27 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 async def proxy(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    incoming = await read_incoming(request, state.settings.limits.max_body)
+    settings = state.settings
+    incoming = await read_incoming(request, settings.limits.max_body)
     tunnel = state.tunnels.tunnel_of(request)
     client = state.access.identify(incoming.headers, tunnel.client if tunnel else None)
-    plan = plan_request(incoming, state.settings.mode)
+    plan = plan_request(incoming, settings.mode)
     state.access.check_model(client, plan.model)
-    if client is None or not (client.rpm or client.tpm):
-        return await relay(request, await state.upstream.send(plan, incoming))
-    usage = await state.limiter.admit(client)
-    on_usage = _charger(state, client) if client.tpm else None
+    usage = await state.limiter.admit(client) if client is not None and (client.rpm or client.tpm) else None
+    if plan.operation is not None and plan.operation.websocket:
+        upstream_request = await state.upstream.prepare(plan, incoming)
+        return await bridge(request, state.upstream.session, upstream_request.url, upstream_request.headers)
+    rewrite = None
+    if plan.operation is not None:
+        rewrite = Rewrite(plan.model, settings.model_map, settings.response_shape is ResponseShape.OPENAI)
     upstream = await state.upstream.send(plan, incoming)
-    return await relay(request, upstream, extra_headers=usage.headers(), on_usage=on_usage)
+    return await relay(
+        request,
+        upstream,
+        extra_headers=usage.headers() if usage is not None else None,
+        on_usage=_charger(state, usage.client) if usage is not None and usage.client.tpm else None,
+        rewrite=rewrite,
+    )
 
 
 async def forward_plain(request: web.Request, origin: URL) -> web.StreamResponse:

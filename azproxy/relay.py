@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from .errors import GatewayTimeout, ProxyError
+from .rewrite import Rewrite, is_json
+from .shape import EventReshaper
 from .translate import HOP_BY_HOP, copy_headers
 
 log = logging.getLogger(__name__)
@@ -27,14 +31,15 @@ async def relay(
     *,
     extra_headers: Mapping[str, str] | None = None,
     on_usage: UsageSink | None = None,
+    rewrite: Rewrite | None = None,
 ) -> web.StreamResponse:
     """Send `upstream` to the client and always release it; a client that leaves closes the upstream at once.
 
     `extra_headers` replace the backend's (a client's own rate-limit headers); `on_usage` receives the tokens the
-    answer reports, for answers that report any.
+    answer reports, for answers that report any; `rewrite` reshapes Azure's answers (see rewrite.py).
     """
     try:
-        response = await _relay(request, upstream, extra_headers, on_usage)
+        response = await _relay(request, upstream, extra_headers, on_usage, rewrite)
     except BaseException:
         upstream.close()  # not released to the pool: the backend must see the request end now
         raise
@@ -47,21 +52,32 @@ async def _relay(
     upstream: aiohttp.ClientResponse,
     extra_headers: Mapping[str, str] | None,
     on_usage: UsageSink | None,
+    rewrite: Rewrite | None,
 ) -> web.StreamResponse:
     headers = copy_headers(upstream.headers, HOP_BY_HOP)
     if extra_headers:
         headers.update(extra_headers)
     is_sse = upstream.content_type == "text/event-stream"
     length = upstream.content_length
-    if not is_sse and length is not None and length <= BUFFERED_LIMIT:
+    reshaped = (
+        rewrite is not None
+        and is_json(upstream.content_type)
+        and (upstream.status >= 400 or rewrite.openai_shape)
+    )
+    if not is_sse and ((length is not None and length <= BUFFERED_LIMIT) or reshaped):
         body = await upstream.read()
+        if (reshaped or on_usage is not None) and is_json(upstream.content_type):
+            body = _decoded(body, headers)
         if on_usage is not None and upstream.status == 200:
             await on_usage(usage_in_json(body))
+        if reshaped and rewrite is not None:
+            body = rewrite.error(upstream.status, body) if upstream.status >= 400 else rewrite.answer(body)
         return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     await response.prepare(request)
     if is_sse:
-        await _pipe_events(upstream, response, on_usage)
+        reshaper = rewrite.events() if rewrite is not None and "Content-Encoding" not in headers else None
+        await _pipe_events(upstream, response, on_usage, reshaper)
     else:
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
@@ -70,7 +86,10 @@ async def _relay(
 
 
 async def _pipe_events(
-    upstream: aiohttp.ClientResponse, response: web.StreamResponse, on_usage: UsageSink | None
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    on_usage: UsageSink | None,
+    reshaper: EventReshaper | None,
 ) -> None:
     """Each chunk is written as it arrives; the stream always ends on a complete event.
 
@@ -80,10 +99,14 @@ async def _pipe_events(
     meter = _StreamMeter() if on_usage is not None else None
     try:
         async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
-            tail = (tail + chunk)[-3:]
             if meter is not None:
                 meter.feed(chunk)
+            if reshaper is not None:
+                chunk = reshaper.feed(chunk)
+                if not chunk:
+                    continue
+            await response.write(chunk)
+            tail = (tail + chunk)[-3:]
     except (TimeoutError, aiohttp.ServerTimeoutError):
         failure: ProxyError | None = GatewayTimeout(
             "The backend stopped sending in the middle of the stream.", code="upstream_timeout"
@@ -92,6 +115,11 @@ async def _pipe_events(
         failure = ProxyError("The backend broke off the stream.", code="upstream_stream_broken")
     else:
         failure = None
+    if reshaper is not None:
+        rest = reshaper.finish()
+        if rest:
+            await response.write(rest)
+            tail = (tail + rest)[-3:]
     if meter is not None and on_usage is not None:
         await on_usage(meter.finish())
     ending = _event_terminator(tail)
@@ -100,6 +128,19 @@ async def _pipe_events(
         ending += failure.to_event()
     if ending:
         await response.write(ending)
+
+
+def _decoded(body: bytes, headers: CIMultiDict[str]) -> bytes:
+    """A gzip or deflate body decoded (its header dropped), so it can be read and rewritten; others as they are."""
+    encoding = headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("gzip", "deflate"):
+        return body
+    try:
+        decoded = zlib.decompress(body, wbits=47)  # gzip or zlib framing, told apart by the header
+    except zlib.error:
+        return body
+    del headers["Content-Encoding"]
+    return decoded
 
 
 def usage_in_json(body: bytes) -> int:

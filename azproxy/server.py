@@ -13,6 +13,7 @@ from aiohttp import web
 from . import mocks
 from .backends import backends_from
 from .config import Settings
+from .credentials import Credential
 from .edge.forward import forward_proxy
 from .errors import ProxyError, error_response, from_http_exception
 from .listener import start_server
@@ -21,13 +22,17 @@ from .pipeline import Handler, proxy
 from .ratelimit import MemoryCounters, RateLimiter, RedisCounters
 from .resolver import Resolver
 from .state import STATE, ProxyState
+from .translate import client_key
 from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
 
-def build_app(settings: Settings, resolver: Resolver | None = None) -> web.Application:
-    """The whole proxy as one aiohttp app; `resolver` lets tests map public host names to loopback."""
+def build_app(
+    settings: Settings, resolver: Resolver | None = None, credential: Credential | None = None
+) -> web.Application:
+    """The whole proxy as one aiohttp app. `resolver` lets tests map public host names to loopback;
+    `credential` replaces the one settings name (an embedding program's own Entra credential, a test's)."""
     resolver = resolver or Resolver()
     protect_server_log()
     app = web.Application(
@@ -35,7 +40,9 @@ def build_app(settings: Settings, resolver: Resolver | None = None) -> web.Appli
     )
     exempt = frozenset(target.host for target in settings.forward.tunnel_allow)
     upstream = UpstreamClient(
-        backends_from(settings), settings.timeouts, resolver.for_connector(settings.strict_endpoints, exempt)
+        backends_from(settings, credential),
+        settings.timeouts,
+        resolver.for_connector(settings.strict_endpoints, exempt),
     )
     counters = RedisCounters(settings.access.redis_url) if settings.access.redis_url else MemoryCounters()
     app[STATE] = ProxyState(settings, upstream, resolver, RateLimiter(counters))
@@ -97,22 +104,25 @@ async def _preflight(request: web.Request) -> web.Response:
 
 
 async def _list_models(request: web.Request) -> web.Response:
-    return mocks.list_models(_visible_models(request))
+    return mocks.list_models(await _visible_models(request))
 
 
 async def _get_model(request: web.Request) -> web.Response:
-    return mocks.get_model(_visible_models(request), request.match_info["model_id"])
+    return mocks.get_model(await _visible_models(request), request.match_info["model_id"])
 
 
-def _visible_models(request: web.Request) -> dict[str, str]:
-    """The mapper's models or, for a client with a model allowlist, exactly the models it may use."""
+async def _visible_models(request: web.Request) -> dict[str, str]:
+    """The mapper's models and the deployments Azure reports or, for a client with a model allowlist, exactly
+    the models it may use."""
     state = request.app[STATE]
     tunnel = state.tunnels.tunnel_of(request)
     client = state.access.identify(request.headers, tunnel.client if tunnel else None)
     model_map = state.settings.model_map
-    if client is None or client.models is None:
-        return dict(model_map)
-    return {model: model_map.get(model, model) for model in sorted(client.models)}
+    if client is not None and client.models is not None:
+        return {model: model_map.get(model, model) for model in sorted(client.models)}
+    own_key = None if state.access.enabled else client_key(request.headers)
+    reported = await state.listing.deployments(own_key)
+    return dict(model_map) | {name: name for name in reported if name not in model_map}
 
 
 def run(settings: Settings) -> None:

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from .access import AccessControl
 from .config import Settings
-from .edge.certs import CertificateAuthority
 from .edge.tunnel import Tunnels
+from .listing import DeploymentListing
 from .ratelimit import RateLimiter
 from .resolver import Resolver
 from .upstream import UpstreamClient
 
 
 class ProxyState:
-    __slots__ = ("_certificate_authority", "access", "limiter", "resolver", "settings", "tunnels", "upstream")
+    __slots__ = (
+        "_certificate_authority",
+        "access",
+        "limiter",
+        "listing",
+        "resolver",
+        "settings",
+        "tunnels",
+        "upstream",
+    )
 
     def __init__(
         self, settings: Settings, upstream: UpstreamClient, resolver: Resolver, limiter: RateLimiter
@@ -24,17 +35,24 @@ class ProxyState:
         self.resolver = resolver
         self.limiter = limiter
         self.access = AccessControl(settings.access.clients)
+        self.listing = DeploymentListing(upstream)
         self.tunnels = Tunnels()
         self._certificate_authority: CertificateAuthority | None = None
 
     def certificate_authority(self) -> CertificateAuthority:
-        """The local CA, loaded or created on first need (the first intercepted tunnel)."""
+        """The local CA, loaded or created on first need (the first intercepted tunnel); `cryptography` is
+        imported only then, which keeps a reverse-proxy-only process about 8 MB smaller."""
         if self._certificate_authority is None:
+            from .edge.certs import CertificateAuthority
+
             forward = self.settings.forward
             self._certificate_authority = CertificateAuthority(
                 self.settings.state_dir, forward.intercept_hosts
             )
         return self._certificate_authority
 
+
+if TYPE_CHECKING:
+    from .edge.certs import CertificateAuthority
 
 STATE = web.AppKey("azproxy_state", ProxyState)

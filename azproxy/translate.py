@@ -1,23 +1,27 @@
 """The translator: pure functions from an incoming OpenAI-shaped request to the request a backend receives.
 
 No I/O here. `plan_request` reads the request once (route, model, client key); `to_upstream` turns that plan into
-the exact URL, headers and body for one backend, so a retry on another backend reuses the plan.
+the exact URL, headers and body for one backend, so a retry on another backend reuses the plan. Two URL styles:
+classic (`/openai/deployments/{deployment}/...?api-version=V`) and Azure's v1 (`/openai/v1/...`, the body's
+model naming the deployment).
 """
 
 from __future__ import annotations
 
-import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import unquote
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiMapping
 from yarl import URL
 
+from . import bodies
 from .backends import Backend
-from .config import Mode
+from .config import ApiStyle, Mode
 from .errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized
-from .operations import BodyKind, Operation, Scope, find_operation
+from .operations import ModelIn, Operation, Scope, find_operation, operation_path
 
 #: Connection-level headers (RFC 9110 7.6.1) and those a proxy owns; never copied from one hop to the next.
 HOP_BY_HOP: Final = frozenset(
@@ -42,6 +46,9 @@ _CLIENT_CREDENTIALS: Final = HOP_BY_HOP | frozenset({"authorization", "api-key"}
 NOT_FOR_AZURE: Final = HOP_BY_HOP | frozenset(
     {"authorization", "api-key", "openai-organization", "openai-project", "cookie"}
 )
+
+#: A WebSocket subprotocol carrying the client's key (browsers): never echoed, logged or sent upstream.
+KEY_SUBPROTOCOL: Final = "openai-insecure-api-key."
 
 #: Azure deployment names are letters, digits, `.`, `_`, `-`; OpenAI fine-tune ids add `:`. Nothing that can
 #: leave the path segment (`/`, `?`, `#`, `%`, `..`, controls) gets through.
@@ -83,31 +90,63 @@ def plan_request(incoming: IncomingRequest, mode: Mode) -> Plan:
     if mode is Mode.OPENAI:
         return Plan(None, None, None)
     operation = route(incoming.method, incoming.path)
-    model = model_of(incoming.body) if operation.body is BodyKind.JSON else None
-    return Plan(operation, model, client_key(incoming.headers))
+    return Plan(operation, requested_model(operation, incoming), client_key(incoming.headers))
 
 
-def to_upstream(plan: Plan, incoming: IncomingRequest, backend: Backend) -> UpstreamRequest:
+def requested_model(operation: Operation, incoming: IncomingRequest) -> str | None:
+    """The model the request names, where this operation names one; required for deployment operations."""
+    required = operation.requires_model
+    if operation.model_in is ModelIn.JSON:
+        if not required and (incoming.method != "POST" or not _is_json(incoming.headers)):
+            return None
+        return bodies.model_in(bodies.json_document(incoming.body), required=required)
+    if operation.model_in is ModelIn.FORM:
+        field = bodies.form_field(incoming.body, incoming.headers.get("Content-Type", ""), "model")
+        if field is None:
+            raise BadRequest(
+                "You must provide a model parameter (a form field).", param="model", code="missing_model"
+            )
+        return field.value
+    if operation.model_in is ModelIn.QUERY:
+        model = incoming.query.get("model")
+        if not model:
+            raise BadRequest("You must provide a model query parameter.", param="model", code="missing_model")
+        return model
+    return None
+
+
+def to_upstream(
+    plan: Plan, incoming: IncomingRequest, backend: Backend, credential: Mapping[str, str] | None = None
+) -> UpstreamRequest:
+    """The request for `backend`. `credential` holds the server-side auth headers; None forwards the client's key."""
     if backend.kind is Mode.OPENAI or plan.operation is None:
         url = URL(backend.origin + incoming.raw_path, encoded=True)
-        if backend.api_key is None:
-            return UpstreamRequest(
-                incoming.method, url, copy_headers(incoming.headers, HOP_BY_HOP), incoming.body
-            )
-        headers = copy_headers(incoming.headers, _CLIENT_CREDENTIALS)
-        headers["Authorization"] = f"Bearer {backend.api_key.reveal()}"
+        headers = copy_headers(incoming.headers, _CLIENT_CREDENTIALS if credential else HOP_BY_HOP)
+        headers.update(credential or {})
         return UpstreamRequest(incoming.method, url, headers, incoming.body)
-    key = backend.api_key.reveal() if backend.api_key else plan.client_key
-    if not key:
-        raise Unauthorized(
-            "No API key provided. Send it as 'Authorization: Bearer KEY' or 'api-key: KEY'.",
-            code="missing_api_key",
-        )
-    deployment = deployment_for(plan.model, backend) if plan.operation.scope is Scope.DEPLOYMENT else None
+    operation = plan.operation
+    if credential is None:
+        if not plan.client_key:
+            raise Unauthorized(
+                "No API key provided. Send it as 'Authorization: Bearer KEY' or 'api-key: KEY'.",
+                code="missing_api_key",
+            )
+        credential = {"api-key": plan.client_key}
+    deployment = deployment_for(plan.model, backend) if plan.model is not None else None
     headers = copy_headers(incoming.headers, NOT_FOR_AZURE)
-    headers["api-key"] = key
-    url = azure_url(backend, plan.operation, deployment, incoming.query)
-    return UpstreamRequest(incoming.method, url, headers, incoming.body)
+    if operation.websocket:  # the bridge makes its own handshake; the client's may carry its key
+        headers = CIMultiDict(
+            (k, v) for k, v in headers.items() if not k.lower().startswith("sec-websocket-")
+        )
+    headers.update(credential)
+    if backend.style is ApiStyle.V1:
+        url = v1_url(backend, operation, incoming, deployment)
+        rewrite = operation.model_in is not ModelIn.QUERY and operation.name != "fine_tuning"
+    else:
+        url = classic_url(backend, operation, incoming, deployment)
+        rewrite = operation.model_is_deployment
+    body = _with_deployment(incoming, operation, plan.model, deployment) if rewrite else incoming.body
+    return UpstreamRequest(incoming.method, url, headers, body)
 
 
 def route(method: str, path: str) -> Operation:
@@ -117,30 +156,15 @@ def route(method: str, path: str) -> Operation:
             f"Unknown request URL: {method} {path}. azproxy does not serve this operation.",
             code="unknown_url",
         )
-    if method not in operation.methods:
-        allowed = ", ".join(sorted(operation.methods))
-        raise MethodNotAllowed(
-            f"{method} is not allowed on {path}; use {allowed}.",
-            code="method_not_allowed",
-            headers={"Allow": allowed},
-        )
+    if operation.scope is Scope.DEPLOYMENT:
+        allowed = "GET" if operation.websocket else "POST"
+        if method != allowed:
+            raise MethodNotAllowed(
+                f"{method} is not allowed on {path}; use {allowed}.",
+                code="method_not_allowed",
+                headers={"Allow": allowed},
+            )
     return operation
-
-
-def model_of(body: bytes) -> str:
-    """The body's top-level `model`, with an error that says what to fix when there is none."""
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(document, dict):
-        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
-    model = document.get("model")
-    if model is None:
-        raise BadRequest("You must provide a model parameter.", param="model", code="missing_model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' must be a non-empty string.", param="model", code="invalid_model")
-    return model
 
 
 def deployment_for(model: str | None, backend: Backend) -> str:
@@ -158,28 +182,91 @@ def deployment_for(model: str | None, backend: Backend) -> str:
     return deployment
 
 
-def azure_url(
-    backend: Backend, operation: Operation, deployment: str | None, query: MultiMapping[str]
+def classic_url(
+    backend: Backend, operation: Operation, incoming: IncomingRequest, deployment: str | None
 ) -> URL:
-    """`{endpoint}/openai/deployments/{deployment}/{op}` with the client's query and exactly one api-version."""
-    scope = f"/openai/deployments/{deployment}/" if deployment is not None else "/openai/"
-    url = URL(backend.origin + scope + operation.path, encoded=True)
-    if not query:
-        return url.with_query({"api-version": backend.api_version})
-    params = MultiDict(query)
-    version = params.getone("api-version", "") or backend.api_version
+    """`{endpoint}/openai/deployments/{deployment}/{op}` or `{endpoint}/openai/{path}`, with one api-version."""
+    params = MultiDict(incoming.query)
+    version = params.getone("api-version", "") or api_version_for(operation, backend)
     params.popall("api-version", None)
+    if operation.websocket:
+        params.popall("model", None)
+        params["deployment"] = deployment or ""
+        path = "/openai/realtime"
+    elif operation.scope is Scope.DEPLOYMENT:
+        path = f"/openai/deployments/{deployment}/{operation.name}"
+    else:
+        path = "/openai/" + resource_path(incoming)
     params["api-version"] = version
+    return URL(backend.origin + path, encoded=True).with_query(params)
+
+
+def v1_url(backend: Backend, operation: Operation, incoming: IncomingRequest, deployment: str | None) -> URL:
+    """`{endpoint}/openai/v1/{path}`: no deployment in the path, api-version only if the client sent one."""
+    url = URL(backend.origin + "/openai/v1/" + resource_path(incoming), encoded=True)
+    if not operation.websocket:
+        return url.with_query(incoming.query)
+    params = MultiDict(incoming.query)
+    params["model"] = deployment or ""
     return url.with_query(params)
 
 
+def api_version_for(operation: Operation, backend: Backend) -> str:
+    """An override for the operation, else the default when the operation accepts it, else what it needs."""
+    override = backend.version_overrides.get(operation.name)
+    if override:
+        return override
+    need = operation.need
+    if need is None or need.accepts(backend.api_version):
+        return backend.api_version
+    return need.fallback
+
+
+def _with_deployment(
+    incoming: IncomingRequest, operation: Operation, model: str | None, deployment: str | None
+) -> bytes:
+    """The body with its model replaced by the deployment name, every other byte as sent."""
+    if model is None or deployment is None or deployment == model:
+        return incoming.body
+    if operation.model_in is ModelIn.FORM:
+        field = bodies.form_field(incoming.body, incoming.headers.get("Content-Type", ""), "model")
+        return bodies.replace_span(incoming.body, field, deployment) if field else incoming.body
+    return bodies.replace_json_model(incoming.body, deployment)
+
+
+def _is_json(headers: CIMultiDictProxy[str]) -> bool:
+    return (
+        headers.get("Content-Type", "application/json").partition(";")[0].strip().lower()
+        == "application/json"
+    )
+
+
+def resource_path(incoming: IncomingRequest) -> str:
+    """The operation path as the client encoded it (`files/file-abc/content`); a segment that would climb or
+    split the path once decoded (`..`, `%2F`) is refused, so an id can never reach another Azure path."""
+    raw = operation_path(incoming.raw_path.partition("?")[0])
+    for segment in raw.split("/"):
+        decoded = unquote(segment)
+        if decoded in (".", "..") or "/" in decoded or "\\" in decoded:
+            raise BadRequest(f"The path segment {segment!r} is not allowed.", code="invalid_path")
+    return raw
+
+
 def client_key(headers: CIMultiDictProxy[str]) -> str | None:
+    """`Authorization: Bearer KEY`, `api-key: KEY`, or (browsers opening a realtime WebSocket, which cannot set
+    headers) the subprotocol `openai-insecure-api-key.KEY`."""
     authorization = headers.get("Authorization")
     if authorization:
         scheme, _, credential = authorization.partition(" ")
         if scheme.lower() == "bearer" and credential.strip():
             return credential.strip()
-    return headers.get("api-key") or None
+    key = headers.get("api-key")
+    if key:
+        return key
+    for protocol in headers.get("Sec-WebSocket-Protocol", "").split(","):
+        if protocol.strip().startswith(KEY_SUBPROTOCOL):
+            return protocol.strip().removeprefix(KEY_SUBPROTOCOL) or None
+    return None
 
 
 def copy_headers(headers: CIMultiDictProxy[str], dropped: frozenset[str]) -> CIMultiDict[str]:

@@ -13,7 +13,7 @@ from .backends import Backend
 from .config import Timeouts
 from .errors import BadGateway, GatewayTimeout, ProxyError
 from .resolver import AiohttpResolver
-from .translate import IncomingRequest, Plan, to_upstream
+from .translate import IncomingRequest, Plan, UpstreamRequest, to_upstream
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,41 @@ class UpstreamClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        for backend in self.backends:
+            if backend.credential is not None:
+                await backend.credential.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("UpstreamClient.start() was not awaited")
+        return self._session
+
+    async def prepare(self, plan: Plan, incoming: IncomingRequest) -> UpstreamRequest:
+        """The request for the first backend, for callers that speak to it themselves (WebSocket bridging)."""
+        backend = self.backends[0]
+        credential = await backend.credential.headers() if backend.credential else None
+        return to_upstream(plan, incoming, backend, credential)
+
+    async def fetch_json(self, path: str, client_key: str | None) -> object | None:
+        """GET `path` (with query) on the first backend, with the server credential or else `client_key`;
+        None on any failure: callers use this for optional extras and fall back to what they know."""
+        backend = self.backends[0]
+        credential = await backend.credential.headers() if backend.credential else None
+        if credential is None:
+            if not client_key:
+                return None
+            credential = {"api-key": client_key}
+        try:
+            async with self.session.get(
+                backend.origin + path, headers=credential, timeout=aiohttp.ClientTimeout(total=5)
+            ) as response:
+                if response.status != 200:
+                    return None
+                document: object = await response.json(content_type=None)
+                return document
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
 
     async def send(
         self, plan: Plan, incoming: IncomingRequest, backends: Sequence[Backend] | None = None
@@ -62,7 +97,8 @@ class UpstreamClient:
             raise RuntimeError("UpstreamClient.start() was not awaited")
         failure: ProxyError | None = None
         for backend in backends or self.backends:
-            request = to_upstream(plan, incoming, backend)
+            credential = await backend.credential.headers() if backend.credential else None
+            request = to_upstream(plan, incoming, backend, credential)
             try:
                 return await self._session.request(
                     request.method,

@@ -6,9 +6,11 @@ import aiohttp
 import openai
 import pytest
 
+from azproxy.config import load_settings
 from azproxy.emulator import Emulator
+from azproxy.server import build_app
 
-from .conftest import AZURE_KEY, Proxy, ProxyFactory
+from .conftest import AZURE_KEY, Proxy, ProxyFactory, ServerFactory
 
 
 async def test_preflight_on_any_path(proxy: Proxy, emulator: Emulator) -> None:
@@ -57,7 +59,21 @@ async def test_models_with_sdk(make_proxy: ProxyFactory, emulator: Emulator) -> 
         with pytest.raises(openai.NotFoundError) as caught:
             await client.models.retrieve("no-such-model")
         assert caught.value.code == "model_not_found"
-    assert emulator.received == []
+        # Deployments Azure reports join the mapper's models, asked once and then cached.
+        assert models["whisper"].model_extra == {"deployment": "whisper"}
+        assert models["gpt-4o-realtime-preview"].model_extra == {"deployment": "gpt-4o-realtime-preview"}
+    assert [(r.path, r.query["api-version"]) for r in emulator.received] == [
+        ("/openai/deployments", "2022-12-01")
+    ]
+    assert emulator.received[0].headers["api-key"] == AZURE_KEY
+
+
+async def test_models_fall_back_to_the_mapper(start_server: ServerFactory, closed_port: int) -> None:
+    settings = load_settings({"AZURE_OPENAI_ENDPOINT": f"http://127.0.0.1:{closed_port}"})
+    proxy = Proxy(await start_server(build_app(settings)))
+    async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key=AZURE_KEY, max_retries=0) as client:
+        ids = {m.id for m in (await client.models.list()).data}
+    assert ids == set(settings.model_map) | set(settings.model_map.values())
 
 
 @pytest.mark.parametrize(("method", "path"), [("GET", "healthz"), ("GET", "health"), ("HEAD", "")])

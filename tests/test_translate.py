@@ -9,7 +9,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from azproxy.backends import Backend
-from azproxy.config import BUILTIN_MODEL_MAP, Mode, Secret, parse_model_map
+from azproxy.config import BUILTIN_MODEL_MAP, Mode, parse_model_map
 from azproxy.errors import BadRequest, NotFound, ProxyError, Unauthorized
 from azproxy.translate import IncomingRequest, plan_request, route, to_upstream
 
@@ -44,7 +44,7 @@ def translate(request: IncomingRequest, backend: Backend = AZURE):
     ],
 )
 def test_route_accepts_paths_with_and_without_v1(path: str, operation: str) -> None:
-    assert route("POST", path).path == operation
+    assert route("POST", path).name == operation
 
 
 def test_route_refuses_unknown_path_and_wrong_method() -> None:
@@ -71,11 +71,11 @@ def test_api_key_header_from_client_is_used() -> None:
     assert translate(request).headers.getall("api-key") == ["k2"]
 
 
-def test_server_token_overrides_client_key() -> None:
-    backend = Backend(
-        "azure", Mode.AZURE, AZURE.base_url, "2024-10-21", BUILTIN_MODEL_MAP, Secret("server-key")
-    )
-    assert translate(incoming(), backend).headers.getall("api-key") == ["server-key"]
+def test_server_credential_overrides_client_key() -> None:
+    request = incoming()
+    upstream = to_upstream(plan_request(request, Mode.AZURE), request, AZURE, {"api-key": "server-key"})
+    assert upstream.headers.getall("api-key") == ["server-key"]
+    assert "Authorization" not in upstream.headers
 
 
 def test_missing_key_is_refused_before_any_call() -> None:
