@@ -52,6 +52,7 @@ _HOST_NAME: Final = re.compile(
 
 
 _Choice = TypeVar("_Choice", bound=StrEnum)
+_API_VERSION: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-]{0,40}")
 
 
 class ConfigError(ValueError):
@@ -249,7 +250,10 @@ def load_settings(source: Mapping[str, str], *, require_endpoint: bool = True) -
         address=parse_address(source.get("AZURE_OPENAI_PROXY_ADDRESS", DEFAULT_ADDRESS)),
         mode=mode,
         azure_endpoint=endpoint,
-        api_version=source.get("AZURE_OPENAI_APIVERSION", "").strip() or DEFAULT_API_VERSION,
+        api_version=_parse_api_version(
+            "AZURE_OPENAI_APIVERSION",
+            source.get("AZURE_OPENAI_APIVERSION", "").strip() or DEFAULT_API_VERSION,
+        ),
         model_map=parse_model_map(source.get("AZURE_OPENAI_MODEL_MAPPER", "")),
         azure_token=Secret(token) if token else None,
         openai_base_url=openai_base or URL(DEFAULT_OPENAI_BASE_URL),
@@ -344,8 +348,14 @@ def _parse_version_overrides(text: str) -> Mapping[str, str]:
         if family not in OPERATIONS:
             known = ", ".join(sorted(OPERATIONS))
             raise ConfigError(f"AZPROXY_APIVERSION_OVERRIDES: unknown operation {family!r} (known: {known})")
-        overrides[family] = version
+        overrides[family] = _parse_api_version("AZPROXY_APIVERSION_OVERRIDES", version)
     return MappingProxyType(overrides)
+
+
+def _parse_api_version(name: str, text: str) -> str:
+    if not _API_VERSION.fullmatch(text):
+        raise ConfigError(f"{name}: {text!r} is not an api-version such as 2024-10-21 or 2025-04-01-preview")
+    return text
 
 
 def _parse_clients(source: Mapping[str, str]) -> tuple[Client, ...]:

@@ -186,6 +186,10 @@ def classic_url(
     backend: Backend, operation: Operation, incoming: IncomingRequest, deployment: str | None
 ) -> URL:
     """`{endpoint}/openai/deployments/{deployment}/{op}` or `{endpoint}/openai/{path}`, with one api-version."""
+    if not incoming.query and operation.scope is Scope.DEPLOYMENT and not operation.websocket:
+        # The common case, built as one string: api-versions are URL-safe tokens (config checks them).
+        path = f"/openai/deployments/{deployment}/{operation.name}"
+        return URL(f"{backend.origin}{path}?api-version={api_version_for(operation, backend)}", encoded=True)
     params = MultiDict(incoming.query)
     version = params.getone("api-version", "") or api_version_for(operation, backend)
     params.popall("api-version", None)
@@ -270,8 +274,12 @@ def client_key(headers: CIMultiDictProxy[str]) -> str | None:
 
 
 def copy_headers(headers: CIMultiDictProxy[str], dropped: frozenset[str]) -> CIMultiDict[str]:
-    """Every header but the dropped ones (names compared lower-cased), plus those `Connection` names."""
-    connection_listed = headers.get("Connection", "")
-    if connection_listed:
-        dropped = dropped | {name.strip().lower() for name in connection_listed.split(",")}
-    return CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in dropped)
+    """Every header but the dropped ones, nor those `Connection` names (copy, then delete: the C-level
+    multidict does this several times faster than filtering in Python, and this runs twice per request)."""
+    copy = CIMultiDict(headers)
+    for name in dropped:
+        if name in copy:
+            del copy[name]
+    for name in headers.get("Connection", "").split(","):
+        copy.popall(name.strip(), None)
+    return copy

@@ -58,6 +58,16 @@ def test_token_never_shows_in_repr() -> None:
         ({"AZURE_OPENAI_ENDPOINT": ""}, "AZURE_OPENAI_ENDPOINT is required"),
         ({"AZPROXY_MAX_BODY": "lots"}, "AZPROXY_MAX_BODY"),
         ({"AZPROXY_READ_TIMEOUT": "-1"}, "AZPROXY_READ_TIMEOUT"),
+        ({"AZURE_OPENAI_APIVERSION": "2024-10-21&x=1"}, "AZURE_OPENAI_APIVERSION"),
+        ({"AZPROXY_APIVERSION_OVERRIDES": "responses"}, "AZPROXY_APIVERSION_OVERRIDES"),
+        ({"AZPROXY_APIVERSION_OVERRIDES": "chat=2024-10-21"}, "unknown operation 'chat'"),
+        ({"AZPROXY_AZURE_API": "v2"}, "AZPROXY_AZURE_API"),
+        ({"AZPROXY_RESPONSE_SHAPE": "gcp"}, "AZPROXY_RESPONSE_SHAPE"),
+        ({"AZPROXY_AUTH": "password"}, "AZPROXY_AUTH"),
+        ({"AZPROXY_TUNNEL_ALLOW": "host:99999"}, "AZPROXY_TUNNEL_ALLOW"),
+        ({"AZPROXY_PROXY_AUTH": "nopassword"}, "AZPROXY_PROXY_AUTH"),
+        ({"AZPROXY_INTERCEPT_HOSTS": "bad host"}, "AZPROXY_INTERCEPT_HOSTS"),
+        ({"AZPROXY_TLS_CERT": "/nonexistent.pem"}, "AZPROXY_TLS_CERT"),
     ],
 )
 def test_bad_values_name_the_variable(variables: dict[str, str], named: str) -> None:
