@@ -13,7 +13,7 @@ import binascii
 from multidict import CIMultiDictProxy
 
 from .clients import Client, find_client
-from .errors import Forbidden, Unauthorized
+from .errors import Forbidden, ProxyAuthRequired, Unauthorized
 from .translate import client_key
 
 
@@ -24,6 +24,20 @@ class AccessControl:
     @property
     def enabled(self) -> bool:
         return bool(self.clients)
+
+    def identify_by_proxy_key(self, headers: CIMultiDictProxy[str]) -> Client | None:
+        """For requests relayed unchanged to another host: only Proxy-Authorization may carry the azproxy key,
+        because `Authorization` belongs to that host and is passed on to it."""
+        if not self.clients:
+            return None
+        key = proxy_key(headers)
+        client = find_client(self.clients, key) if key else None
+        if client is None:
+            raise ProxyAuthRequired(
+                "azproxy needs a client key in Proxy-Authorization (Basic, with the key as password) "
+                "to relay to this host."
+            )
+        return client
 
     def identify(self, headers: CIMultiDictProxy[str], tunnel_client: Client | None = None) -> Client | None:
         """The client, None when access control is off; 401 when a key is needed and none matches."""
@@ -56,10 +70,16 @@ def proxy_key(headers: CIMultiDictProxy[str]) -> str | None:
     scheme, _, credential = headers.get("Proxy-Authorization", "").partition(" ")
     if scheme.lower() == "bearer":
         return credential.strip() or None
-    if scheme.lower() == "basic":
-        try:
-            decoded = base64.b64decode(credential.strip(), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        return decoded.partition(":")[2] or None
-    return None
+    basic = basic_credentials(headers)
+    return basic.partition(":")[2] or None if basic else None
+
+
+def basic_credentials(headers: CIMultiDictProxy[str]) -> str | None:
+    """The decoded `user:password` of `Proxy-Authorization: Basic ...`, or None."""
+    scheme, _, encoded = headers.get("Proxy-Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        return base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None

@@ -24,12 +24,18 @@ class FormField:
 
 
 def json_document(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object (UTF-8, as Azure reads it), with at most one top-level `model`: with two,
+    a check on one and a backend reading the other would disagree."""
     try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
+        document = json.loads(body.decode())
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(document, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    if body.count(b'"model"') > 1 and len(_top_level_spans(body.decode(), "model")) > 1:
+        raise BadRequest(
+            "The request body names 'model' more than once.", param="model", code="invalid_model"
+        )
     return document
 
 
@@ -46,7 +52,7 @@ def model_in(document: dict[str, Any], *, required: bool) -> str | None:
 
 def replace_json_model(body: bytes, deployment: str) -> bytes:
     """The body with every top-level `"model"` value replaced by `deployment`, all other bytes unchanged."""
-    text = body.decode()
+    text = body.decode()  # json_document already checked it is UTF-8 JSON
     spans = _top_level_spans(text, "model")
     if not spans:
         return body
@@ -85,29 +91,27 @@ def _skip(text: str, index: int) -> int:
 
 
 def form_field(body: bytes, content_type: str, name: str) -> FormField | None:
-    """The value and byte span of the multipart/form-data field `name`, or None when the body has none."""
+    """The value and byte span of the multipart/form-data field `name`, or None when the body has none; a field
+    given twice is refused (a check on one and a backend reading the other would disagree)."""
     boundary = _boundary(content_type)
     delimiter = b"--" + boundary
+    found: FormField | None = None
     position = body.find(delimiter)
     while position >= 0:
         head_start = position + len(delimiter)
-        if body.startswith(b"--", head_start):
-            return None  # the closing delimiter
         head_end = body.find(b"\r\n\r\n", head_start)
-        if head_end < 0:
-            return None
-        value_start = head_end + 4
-        next_delimiter = body.find(b"\r\n" + delimiter, value_start)
-        if next_delimiter < 0:
-            return None
+        next_delimiter = body.find(b"\r\n" + delimiter, head_end + 4) if head_end >= 0 else -1
+        if body.startswith(b"--", head_start) or next_delimiter < 0:
+            break  # the closing delimiter, or a truncated body
         if _part_name(body[head_start:head_end]) == name:
-            raw = body[value_start:next_delimiter]
+            if found is not None:
+                raise BadRequest(f"The form field '{name}' is given more than once.", param=name)
             try:
-                return FormField(raw.decode(), value_start, next_delimiter)
+                found = FormField(body[head_end + 4 : next_delimiter].decode(), head_end + 4, next_delimiter)
             except UnicodeDecodeError:
                 raise BadRequest(f"The form field '{name}' is not UTF-8 text.", param=name) from None
         position = next_delimiter + 2
-    return None
+    return found
 
 
 def replace_span(body: bytes, field: FormField, value: str) -> bytes:

@@ -122,7 +122,7 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
-class TunnelTarget:
+class AllowedTarget:
     """An allowlisted forward-proxy target; without a port only 443 is allowed."""
 
     host: str
@@ -137,7 +137,7 @@ class ForwardProxy:
     """Forward-proxy settings: which hosts are intercepted, which tunnelled blindly, and the proxy's credentials."""
 
     intercept_hosts: tuple[str, ...] = DEFAULT_INTERCEPT_HOSTS
-    tunnel_allow: tuple[TunnelTarget, ...] = ()
+    tunnel_allow: tuple[AllowedTarget, ...] = ()
     #: `user:password` for Proxy-Authorization: Basic; None means the forward proxy asks for none.
     proxy_auth: Secret | None = None
 
@@ -279,7 +279,7 @@ def load_settings(source: Mapping[str, str], *, require_endpoint: bool = True) -
         strict_endpoints=_parse_bool("AZPROXY_STRICT_ENDPOINTS", source.get("AZPROXY_STRICT_ENDPOINTS", "")),
         api_style=_parse_choice(ApiStyle, "AZPROXY_AZURE_API", source),
         version_overrides=_parse_version_overrides(source.get("AZPROXY_APIVERSION_OVERRIDES", "")),
-        auth=_parse_auth(source),
+        auth=_parse_auth(source, mode),
         response_shape=_parse_choice(ResponseShape, "AZPROXY_RESPONSE_SHAPE", source),
     )
     _check_access(settings)
@@ -332,8 +332,10 @@ def _parse_choice(kind: type[_Choice], name: str, source: Mapping[str, str]) -> 
         raise ConfigError(f"{name}: {text!r} is not {choices}") from None
 
 
-def _parse_auth(source: Mapping[str, str]) -> AuthMode:
+def _parse_auth(source: Mapping[str, str], mode: Mode) -> AuthMode:
     auth = _parse_choice(AuthMode, "AZPROXY_AUTH", source)
+    if auth is AuthMode.ENTRA and mode is not Mode.AZURE:
+        raise ConfigError("AZPROXY_AUTH=entra signs in to Azure: it needs AZURE_OPENAI_PROXY_MODE=azure")
     if auth is AuthMode.ENTRA and importlib.util.find_spec("azure.identity") is None:
         raise ConfigError("AZPROXY_AUTH=entra needs azure-identity: pip install 'azproxy[entra]'")
     return auth
@@ -433,7 +435,7 @@ def _parse_hosts(text: str | None) -> tuple[str, ...]:
     return hosts
 
 
-def _parse_tunnel_allow(text: str) -> tuple[TunnelTarget, ...]:
+def _parse_tunnel_allow(text: str) -> tuple[AllowedTarget, ...]:
     """`host`, `host:port` or `[v6]:port`, comma-separated."""
     targets = []
     for entry in filter(None, (part.strip().lower() for part in text.split(","))):
@@ -446,7 +448,7 @@ def _parse_tunnel_allow(text: str) -> tuple[TunnelTarget, ...]:
             host, port = entry, ""
         if not host or (port and (not port.isdigit() or not 0 < int(port) < 65536)):
             raise ConfigError(f"AZPROXY_TUNNEL_ALLOW: entry {entry!r} is not host, host:port or [v6]:port")
-        targets.append(TunnelTarget(host, int(port) if port else None))
+        targets.append(AllowedTarget(host, int(port) if port else None))
     return tuple(targets)
 
 

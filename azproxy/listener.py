@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from .config import Limits
+from .edge.protocol import new_handler
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class GuardedSite(web.BaseSite):
                 "refusing a connection: %d open (AZPROXY_MAX_CONNECTIONS)", self._limits.max_connections
             )
             return _Refused()
-        handler = server()
+        handler = new_handler(server)
         self._silent.add(handler)
         loop.call_later(self._limits.header_timeout, self._close_if_silent, handler)
         return handler

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import OrderedDict
 from typing import Final
 
 from .upstream import UpstreamClient
@@ -14,21 +15,35 @@ LISTING_PATH: Final = "/openai/deployments?api-version=2022-12-01"
 
 
 class DeploymentListing:
-    def __init__(self, upstream: UpstreamClient, ttl: float = 300, retry_after_failure: float = 60) -> None:
+    """Cached per credential (one client's key must not reveal another's resource), in a bounded LRU so that
+    callers with ever-new keys cannot grow it or make azproxy ask Azure more than once per key and period."""
+
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        ttl: float = 300,
+        retry_after_failure: float = 60,
+        max_entries: int = 256,
+    ) -> None:
         self._upstream = upstream
         self._ttl = ttl
         self._retry = retry_after_failure
-        #: Cached per credential: one client's key must not reveal another resource's deployments.
-        self._cache: dict[str, tuple[float, tuple[str, ...]]] = {}
+        self._max_entries = max_entries
+        self._cache: OrderedDict[str, tuple[float, tuple[str, ...]]] = OrderedDict()
 
     async def deployments(self, client_key: str | None) -> tuple[str, ...]:
-        slot = hashlib.sha256((client_key or "").encode()).hexdigest()
+        """With a server-side credential the client's key plays no part, so all callers share one entry."""
+        key = None if self._upstream.backends[0].credential is not None else client_key
+        slot = hashlib.sha256((key or "").encode()).hexdigest()
         cached = self._cache.get(slot)
         if cached is not None and cached[0] > time.monotonic():
+            self._cache.move_to_end(slot)
             return cached[1]
-        document = await self._upstream.fetch_json(LISTING_PATH, client_key)
-        names = _deployment_ids(document)
+        names = _deployment_ids(await self._upstream.fetch_json(LISTING_PATH, key))
         self._cache[slot] = (time.monotonic() + (self._ttl if names else self._retry), names)
+        self._cache.move_to_end(slot)
+        while len(self._cache) > self._max_entries:
+            self._cache.popitem(last=False)
         return names
 
 

@@ -46,12 +46,15 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
 
 async def forward_plain(request: web.Request, origin: URL) -> web.StreamResponse:
-    """An allowlisted absolute-URI request, relayed unchanged to the host it names."""
+    """An allowlisted absolute-URI request, relayed unchanged to the host it names (after the same access
+    control and request budget as every other request)."""
     state = request.app[STATE]
     incoming = await read_incoming(request, state.settings.limits.max_body)
+    client = state.access.identify_by_proxy_key(incoming.headers)
+    usage = await state.limiter.admit(client) if client is not None and client.rpm else None
     backend = Backend("forward", Mode.OPENAI, origin, state.settings.api_version, {})
     upstream = await state.upstream.send(Plan(None, None, None), incoming, backends=(backend,))
-    return await relay(request, upstream)
+    return await relay(request, upstream, extra_headers=usage.headers() if usage is not None else None)
 
 
 def _charger(state: ProxyState, client: Client) -> UsageSink:

@@ -64,7 +64,8 @@ async def _relay(
         and is_json(upstream.content_type)
         and (upstream.status >= 400 or rewrite.openai_shape)
     )
-    if not is_sse and ((length is not None and length <= BUFFERED_LIMIT) or reshaped):
+    metered = on_usage is not None and is_json(upstream.content_type)  # usage sits at the end of the JSON
+    if not is_sse and ((length is not None and length <= BUFFERED_LIMIT) or reshaped or metered):
         body = await upstream.read()
         if (reshaped or on_usage is not None) and is_json(upstream.content_type):
             body = _decoded(body, headers)
@@ -78,11 +79,26 @@ async def _relay(
     if is_sse:
         reshaper = rewrite.events() if rewrite is not None and "Content-Encoding" not in headers else None
         await _pipe_events(upstream, response, on_usage, reshaper)
-    else:
-        async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
+    elif not await _pipe_bytes(request, upstream, response):
+        return response  # cut short: the connection is closed, so the client sees an incomplete body
     await response.write_eof()
     return response
+
+
+async def _pipe_bytes(
+    request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse
+) -> bool:
+    """Copy a non-event body as it arrives. A backend failure after the status line has gone out can only be
+    told by closing the connection (a second response would corrupt the first): False then."""
+    try:
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+    except (TimeoutError, aiohttp.ServerTimeoutError, aiohttp.ClientPayloadError) as exc:
+        log.warning("answer from backend broke off (%s); closing the client connection", type(exc).__name__)
+        if request.transport is not None:
+            request.transport.close()
+        return False
+    return True
 
 
 async def _pipe_events(

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from . import mocks
 from .backends import backends_from
-from .config import Settings
+from .config import Mode, Settings
 from .credentials import Credential
 from .edge.forward import forward_proxy
 from .errors import ProxyError, error_response, from_http_exception
@@ -58,7 +58,7 @@ def _add_routes(app: web.Application, settings: Settings) -> None:
         router.add_get(path, _health, allow_head=True)
     router.add_route("HEAD", "/", _health)
     router.add_route("OPTIONS", "/{tail:.*}", _preflight)
-    if settings.mode == "azure":
+    if settings.mode is Mode.AZURE:
         for prefix in ("/v1", ""):
             router.add_get(f"{prefix}/models", _list_models)
             router.add_get(prefix + "/models/{model_id:.+}", _get_model)
@@ -67,18 +67,21 @@ def _add_routes(app: web.Application, settings: Settings) -> None:
 
 @web.middleware
 async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error azproxy produces leaves in OpenAI's shape, never as a traceback or an HTML page."""
+    """Every error azproxy produces leaves in OpenAI's shape, never as a traceback or an HTML page; once an
+    answer has started, an error cannot become a second one (aiohttp then closes the connection)."""
     try:
         return await handler(request)
-    except ProxyError as exc:
-        return exc.to_response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return from_http_exception(exc)
     except (asyncio.CancelledError, ConnectionError):
         raise
-    except Exception:
+    except Exception as exc:
+        if request.writer.output_size > 0:
+            raise
+        if isinstance(exc, ProxyError):
+            return exc.to_response()
+        if isinstance(exc, web.HTTPException):
+            if exc.status < 400:
+                raise
+            return from_http_exception(exc)
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(500, "azproxy failed on this request; the log has the details.", "server_error")
 

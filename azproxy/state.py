@@ -36,7 +36,7 @@ class ProxyState:
         self.limiter = limiter
         self.access = AccessControl(settings.access.clients)
         self.listing = DeploymentListing(upstream)
-        self.tunnels = Tunnels()
+        self.tunnels = Tunnels(settings.limits.header_timeout)
         self._certificate_authority: CertificateAuthority | None = None
 
     def certificate_authority(self) -> CertificateAuthority:

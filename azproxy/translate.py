@@ -97,8 +97,9 @@ def requested_model(operation: Operation, incoming: IncomingRequest) -> str | No
     """The model the request names, where this operation names one; required for deployment operations."""
     required = operation.requires_model
     if operation.model_in is ModelIn.JSON:
-        if not required and (incoming.method != "POST" or not _is_json(incoming.headers)):
-            return None
+        if not required and (incoming.method != "POST" or not incoming.body):
+            return None  # reads, deletes and body-less actions (cancel) name no model
+
         return bodies.model_in(bodies.json_document(incoming.body), required=required)
     if operation.model_in is ModelIn.FORM:
         field = bodies.form_field(incoming.body, incoming.headers.get("Content-Type", ""), "model")
@@ -236,13 +237,6 @@ def _with_deployment(
         field = bodies.form_field(incoming.body, incoming.headers.get("Content-Type", ""), "model")
         return bodies.replace_span(incoming.body, field, deployment) if field else incoming.body
     return bodies.replace_json_model(incoming.body, deployment)
-
-
-def _is_json(headers: CIMultiDictProxy[str]) -> bool:
-    return (
-        headers.get("Content-Type", "application/json").partition(";")[0].strip().lower()
-        == "application/json"
-    )
 
 
 def resource_path(incoming: IncomingRequest) -> str:

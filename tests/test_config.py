@@ -64,6 +64,7 @@ def test_token_never_shows_in_repr() -> None:
         ({"AZPROXY_AZURE_API": "v2"}, "AZPROXY_AZURE_API"),
         ({"AZPROXY_RESPONSE_SHAPE": "gcp"}, "AZPROXY_RESPONSE_SHAPE"),
         ({"AZPROXY_AUTH": "password"}, "AZPROXY_AUTH"),
+        ({"AZPROXY_AUTH": "entra", "AZURE_OPENAI_PROXY_MODE": "openai"}, "AZPROXY_AUTH=entra"),
         ({"AZPROXY_TUNNEL_ALLOW": "host:99999"}, "AZPROXY_TUNNEL_ALLOW"),
         ({"AZPROXY_PROXY_AUTH": "nopassword"}, "AZPROXY_PROXY_AUTH"),
         ({"AZPROXY_INTERCEPT_HOSTS": "bad host"}, "AZPROXY_INTERCEPT_HOSTS"),

@@ -123,3 +123,33 @@ async def test_upstream_stalling_mid_stream_ends_with_error_event(start_server: 
     error = json.loads(body.split(b"data: ")[-1])["error"]
     assert error["code"] == "upstream_timeout"
     assert body.endswith(b"\n\n")
+
+
+async def test_plain_body_broken_midway_closes_the_connection(start_server: ServerFactory) -> None:
+    """After the status line has gone out, a backend failure cannot become a second response."""
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        await response.write(b"x" * 1000)
+        await asyncio.sleep(5)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", stall)
+    upstream = await start_server(app)
+    settings = load_settings(
+        {"AZURE_OPENAI_ENDPOINT": str(upstream.make_url("")).rstrip("/"), "AZPROXY_READ_TIMEOUT": "0.3"}
+    )
+    proxy = Proxy(await start_server(build_app(settings)))
+    body = json.dumps({"model": "tts", "input": "x", "voice": "alloy"}).encode()
+    reader, writer = await asyncio.open_connection(proxy.url.host, proxy.url.port)
+    writer.write(
+        b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    received = await asyncio.wait_for(reader.read(), 5)  # until the proxy closes the connection
+    writer.close()
+    assert received.startswith(b"HTTP/1.1 200")
+    assert received.count(b"HTTP/1.1") == 1
+    assert not received.endswith(b"0\r\n\r\n")  # no final chunk: the client can tell the body is incomplete

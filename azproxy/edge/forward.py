@@ -6,13 +6,12 @@ an admitted request is decided once, by the same pipeline that serves reverse re
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 
 from aiohttp import web
 from yarl import URL
 
+from azproxy.access import basic_credentials
 from azproxy.config import Mode, Settings
 from azproxy.edge.tunnel import TunnelTarget, blind
 from azproxy.errors import BadRequest, Forbidden, ProxyAuthRequired
@@ -63,6 +62,8 @@ async def open_tunnel(request: web.Request, state: ProxyState) -> None:
     client = state.access.identify(request.headers)
     target = _connect_target(request)
     intercepted = target.host in settings.forward.intercept_hosts and target.port == 443
+    if client is not None and client.rpm and not (intercepted and settings.mode is Mode.AZURE):
+        await state.limiter.admit(client)  # a blind tunnel counts as one request: its content is unseen
     if settings.forward.allows_tunnel(target.host, target.port):
         await blind(request, await state.resolver.resolve(target.host, target.port))
     elif intercepted and settings.mode is Mode.AZURE:
@@ -81,12 +82,8 @@ def check_proxy_auth(request: web.Request, settings: Settings) -> None:
     expected = settings.forward.proxy_auth
     if expected is None:
         return
-    scheme, _, encoded = request.headers.get("Proxy-Authorization", "").partition(" ")
-    try:
-        offered = base64.b64decode(encoded.strip(), validate=True) if scheme.lower() == "basic" else b""
-    except (binascii.Error, ValueError):
-        offered = b""
-    if not hmac.compare_digest(offered, expected.reveal().encode()):
+    offered = basic_credentials(request.headers) or ""
+    if not hmac.compare_digest(offered.encode(), expected.reveal().encode()):
         raise ProxyAuthRequired("azproxy needs proxy credentials: Proxy-Authorization: Basic user:password.")
 
 

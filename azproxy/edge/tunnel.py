@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from azproxy.clients import Client
+from azproxy.edge.protocol import new_handler
 from azproxy.errors import BadGateway
 
 log = logging.getLogger(__name__)
@@ -41,16 +42,19 @@ class OpenTunnel:
 class Tunnels:
     """Which request handler serves which intercepted tunnel, so requests inside it are known as such."""
 
-    def __init__(self) -> None:
+    def __init__(self, header_timeout: float) -> None:
         self._open: dict[RequestHandler, OpenTunnel] = {}
+        #: Like a new connection, a new tunnel must bring its first request head within this many seconds.
+        self._header_timeout = header_timeout
+        self._heard: set[RequestHandler] = set()
 
     def tunnel_of(self, request: web.Request) -> OpenTunnel | None:
         if not self._open:
             return None
-        return self._open.get(request.protocol)
-
-    def __len__(self) -> int:
-        return len(self._open)
+        tunnel = self._open.get(request.protocol)
+        if tunnel is not None:
+            self._heard.add(request.protocol)
+        return tunnel
 
     async def intercept(
         self, request: web.Request, target: TunnelTarget, context: ssl.SSLContext, client: Client | None
@@ -60,7 +64,7 @@ class Tunnels:
         # No public API hands out the web.Server behind a connection; calling it makes a new RequestHandler.
         server = request.protocol._manager
         assert server is not None
-        inner = server()
+        inner = new_handler(server)
         watcher = _ClosingWatcher(inner)
         loop = asyncio.get_running_loop()
         transport.write(ESTABLISHED)
@@ -77,13 +81,20 @@ class Tunnels:
             _detach(request)
             return
         self._open[inner] = OpenTunnel(target, client)
+        deadline = loop.call_later(self._header_timeout, self._close_if_silent, inner, tls_transport)
         try:
             watcher.connection_made(tls_transport)
             await watcher.closed
         finally:
+            deadline.cancel()
             del self._open[inner]
+            self._heard.discard(inner)
             tls_transport.close()
             _detach(request)
+
+    def _close_if_silent(self, inner: RequestHandler, tls_transport: asyncio.BaseTransport) -> None:
+        if inner not in self._heard:
+            tls_transport.close()
 
 
 async def blind(request: web.Request, addresses: list[tuple[str, int]]) -> None:
