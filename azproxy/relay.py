@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .errors import GatewayTimeout, ProxyError
+from .errors import BadGateway, GatewayTimeout, ProxyError
 from .rewrite import Rewrite, is_json
 from .shape import EventReshaper
 from .translate import HOP_BY_HOP, copy_headers
@@ -66,8 +66,8 @@ async def _relay(
     )
     metered = on_usage is not None and is_json(upstream.content_type)  # usage sits at the end of the JSON
     if not is_sse and ((length is not None and length <= BUFFERED_LIMIT) or reshaped or metered):
-        body = await upstream.read()
-        if (reshaped or on_usage is not None) and is_json(upstream.content_type):
+        body = await _read_whole(upstream)
+        if reshaped or metered:
             body = _decoded(body, headers)
         if on_usage is not None and upstream.status == 200:
             await on_usage(usage_in_json(body))
@@ -83,6 +83,18 @@ async def _relay(
         return response  # cut short: the connection is closed, so the client sees an incomplete body
     await response.write_eof()
     return response
+
+
+async def _read_whole(upstream: aiohttp.ClientResponse) -> bytes:
+    """The whole answer; nothing has been sent yet, so a failure can still be a proper 502 or 504."""
+    try:
+        return await upstream.read()
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        raise GatewayTimeout(
+            "The backend stopped sending in the middle of its answer.", code="upstream_timeout"
+        ) from None
+    except aiohttp.ClientPayloadError:
+        raise BadGateway("The backend broke off its answer.", code="upstream_broken") from None
 
 
 async def _pipe_bytes(

@@ -240,3 +240,29 @@ async def test_silent_upstream_is_504(start_server: ServerFactory) -> None:
     status, _, body = await post(Proxy(server), "/v1/chat/completions", CHAT)
     assert status == 504
     assert json.loads(body)["error"]["code"] == "upstream_timeout"
+
+
+async def raw_upstream(answer: bytes) -> asyncio.Server:
+    """An upstream that reads a request head and answers `answer` verbatim, then closes."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+async def test_answer_broken_before_it_is_sent_is_502(start_server: ServerFactory) -> None:
+    upstream = await raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+    )
+    port = upstream.sockets[0].getsockname()[1]
+    settings = load_settings({"AZURE_OPENAI_ENDPOINT": f"http://127.0.0.1:{port}"})
+    server = await start_server(build_app(settings))
+    status, _, body = await post(Proxy(server), "/v1/chat/completions", CHAT)
+    upstream.close()
+    await upstream.wait_closed()
+    assert status == 502
+    assert json.loads(body)["error"]["code"] == "upstream_broken"
