@@ -43,9 +43,7 @@ HOP_BY_HOP: Final = frozenset(
 _CLIENT_CREDENTIALS: Final = HOP_BY_HOP | frozenset({"authorization", "api-key"})
 
 #: Client headers Azure has no use for: OpenAI's credentials and account routing, and browser cookies.
-NOT_FOR_AZURE: Final = HOP_BY_HOP | frozenset(
-    {"authorization", "api-key", "openai-organization", "openai-project", "cookie"}
-)
+NOT_FOR_AZURE: Final = _CLIENT_CREDENTIALS | frozenset({"openai-organization", "openai-project", "cookie"})
 
 #: A WebSocket subprotocol carrying the client's key (browsers): never echoed, logged or sent upstream.
 KEY_SUBPROTOCOL: Final = "openai-insecure-api-key."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import aiohttp
 from aiohttp import hdrs
@@ -63,14 +63,14 @@ class UpstreamClient:
     async def prepare(self, plan: Plan, incoming: IncomingRequest) -> UpstreamRequest:
         """The request for the first backend, for callers that speak to it themselves (WebSocket bridging)."""
         backend = self.backends[0]
-        credential = await backend.credential.headers() if backend.credential else None
+        credential = await _credential_headers(backend)
         return to_upstream(plan, incoming, backend, credential)
 
     async def fetch_json(self, path: str, client_key: str | None) -> object | None:
         """GET `path` (with query) on the first backend, with the server credential or else `client_key`;
         None on any failure: callers use this for optional extras and fall back to what they know."""
         backend = self.backends[0]
-        credential = await backend.credential.headers() if backend.credential else None
+        credential = await _credential_headers(backend)
         if credential is None:
             if not client_key:
                 return None
@@ -97,7 +97,7 @@ class UpstreamClient:
             raise RuntimeError("UpstreamClient.start() was not awaited")
         failure: ProxyError | None = None
         for backend in backends or self.backends:
-            credential = await backend.credential.headers() if backend.credential else None
+            credential = await _credential_headers(backend)
             request = to_upstream(plan, incoming, backend, credential)
             try:
                 return await self._session.request(
@@ -119,6 +119,11 @@ class UpstreamClient:
             log.warning("backend %s failed: %s", backend.name, failure.message)
         assert failure is not None
         raise failure
+
+
+async def _credential_headers(backend: Backend) -> Mapping[str, str] | None:
+    """The backend's server-side auth headers; None means the client's own key is to be used."""
+    return await backend.credential.headers() if backend.credential is not None else None
 
 
 def _payload(body: bytes) -> bytes | io.BytesIO | None:

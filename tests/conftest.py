@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -120,10 +121,39 @@ async def sdk(proxy: Proxy) -> AsyncIterator[openai.AsyncOpenAI]:
     await client.close()
 
 
-@pytest.fixture
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
+def free_port() -> int:
+    """A loopback port nothing listens on (the kernel picked it and it was let go at once)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+@pytest.fixture
+def closed_port() -> int:
+    return free_port()
+
+
+class Canary:
+    """A loopback listener standing in for a host azproxy must never reach; it counts connections."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            writer.close()
+
+        self.server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def wait_closed(self) -> None:
+        if self.server is not None:
+            await self.server.wait_closed()

@@ -28,35 +28,10 @@ from azproxy.emulator import Emulator
 from azproxy.resolver import Endpoint, Resolver
 from azproxy.server import build_app
 
-from .conftest import AZURE_KEY, ServerFactory
+from .conftest import AZURE_KEY, Canary, ServerFactory
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**CHAT, "stream": True}
-
-
-class Canary:
-    """A loopback listener standing in for a host azproxy must never reach; it counts connections."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self.connections += 1
-            writer.close()
-
-        self.server = await asyncio.start_server(accept, "127.0.0.1", 0)
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-    async def wait_closed(self) -> None:
-        if self.server is not None:
-            await self.server.wait_closed()
 
 
 @dataclass

@@ -17,15 +17,10 @@ import httpx
 import pytest
 import requests
 
+from .conftest import free_port
+
 AZPROXY = [sys.executable, "-m", "azproxy"]
 KEY = "process-test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:

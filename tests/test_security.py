@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from azproxy.listener import start_server as start_listener
 from azproxy.resolver import Resolver
 from azproxy.server import build_app
 
-from .conftest import AZURE_KEY, SECRETS, Proxy, ProxyFactory, ServerFactory
+from .conftest import AZURE_KEY, SECRETS, Canary, Proxy, ProxyFactory, ServerFactory, free_port
 
 ALICE, BOB = "sk-alice-client-key-0001", "sk-bob-client-key-0002"
 PROXY_PASSWORD = "proxy-pass-for-tests"
@@ -140,9 +141,7 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
         if os.environ.get("CI"):
             pytest.fail("redis-server is missing; .ci/run installs it")
         pytest.skip("redis-server is not installed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [
             server,
@@ -164,7 +163,7 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
             with socket.socket() as probe:
                 if probe.connect_ex(("127.0.0.1", port)) == 0:
                     break
-            subprocess.run(["sleep", "0.05"], check=True)
+            time.sleep(0.05)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         process.terminate()
@@ -210,9 +209,7 @@ def test_no_open_relay_by_default() -> None:
 
 def test_anonymous_start_is_logged_loudly(tmp_path: Path) -> None:
     (tmp_path / "empty.env").write_text("")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {
         "PATH": os.environ["PATH"],
         "AZPROXY_ENV_FILE": str(tmp_path / "empty.env"),
@@ -268,23 +265,12 @@ def test_public_addresses_pass(address: str) -> None:
     assert is_public(address)
 
 
-async def canary_listener() -> tuple[asyncio.Server, list[int]]:
-    seen: list[int] = []
-
-    def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen.append(1)
-        writer.close()
-
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    return server, seen
-
-
 async def test_openai_mode_tunnel_to_non_public_address_is_refused(
     start_server: ServerFactory, tmp_path: Path
 ) -> None:
     """api.openai.com resolving to a private address (DNS rebinding, a poisoned resolver) is never connected to."""
-    canary, seen = await canary_listener()
-    canary_port = canary.sockets[0].getsockname()[1]
+    canary = Canary()
+    canary_port = await canary.start()
     settings = load_settings({"AZURE_OPENAI_PROXY_MODE": "openai", "AZPROXY_STATE_DIR": str(tmp_path)})
     resolver = Resolver({("api.openai.com", 443): ("127.0.0.1", canary_port)})
     server = await start_server(build_app(settings, resolver))
@@ -293,7 +279,7 @@ async def test_openai_mode_tunnel_to_non_public_address_is_refused(
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     writer.close()
     assert head.startswith(b"HTTP/1.1 403")
-    assert seen == []
+    assert canary.connections == 0
     canary.close()
     await canary.wait_closed()
 
