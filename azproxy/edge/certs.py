@@ -1,16 +1,23 @@
 """azproxy's local certificate authority, and the per-host TLS contexts it signs for intercepted tunnels.
 
 The CA is made once (EC P-256, ten years, key file 0600) and limited by NameConstraints to the intercepted hosts,
-so a stolen CA key cannot vouch for any other site.
+so a stolen CA key cannot vouch for any other site. Several processes may share one state directory: the CA is
+loaded or created under a file lock, and every file is written whole to a temporary name and renamed into place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
+import fcntl
 import ipaddress
+import logging
 import os
 import ssl
-from collections.abc import Sequence
+import stat
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -21,24 +28,63 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_CERT_FILE: Final = "ca.pem"
 CA_KEY_FILE: Final = "ca-key.pem"
+_LOCK_FILE: Final = "ca.lock"
 _CA_LIFETIME: Final = datetime.timedelta(days=3650)
 #: Browsers and Apple's TLS stack refuse leaves valid longer than 398 days.
 _LEAF_LIFETIME: Final = datetime.timedelta(days=397)
+
+
+log = logging.getLogger(__name__)
 
 
 class CertificateError(RuntimeError):
     """The CA on disk cannot serve the configured hosts, or cannot be read."""
 
 
+def check_state_dir(path: Path) -> None:
+    """Make `path` a private directory azproxy can write, or raise CertificateError saying why it cannot.
+
+    Cheap enough to call at start-up, so a bad AZPROXY_STATE_DIR shows before the first intercepted tunnel."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _make_private(path)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable by this user")
+    except OSError as error:
+        cause = "a file that is not a directory is in the way" if isinstance(error, FileExistsError) else None
+        raise CertificateError(
+            f"azproxy cannot use {path} as its state directory ({cause or error.strerror or error}); "
+            "set AZPROXY_STATE_DIR to a directory it may create and write."
+        ) from error
+
+
+def _make_private(path: Path) -> None:
+    """Whoever can write the state directory can swap the CA key for their own, so only its owner may."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if not mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return
+    if mode & stat.S_ISVTX:
+        # A sticky directory such as /tmp is shared by design; making it 0700 would break everyone else.
+        raise PermissionError(errno.EPERM, "a shared directory writable by others")
+    path.chmod(0o700)
+    log.warning("State directory %s was writable by others (mode %o); changed it to 0700", path, mode)
+
+
 class CertificateAuthority:
-    """Loads or creates the CA in `state_dir`; hands out one cached server-side SSLContext per host."""
+    """Loads or creates the CA in `state_dir`; hands out one cached server-side SSLContext per host.
+
+    `created` is true when this instance had to make a new CA (clients must then be told to trust it)."""
 
     def __init__(self, state_dir: Path, hosts: Sequence[str]) -> None:
         self.state_dir = state_dir
         self.hosts = tuple(hosts)
         self.cert_path = state_dir / CA_CERT_FILE
         self._key_path = state_dir / CA_KEY_FILE
-        self._cert, self._key = self._load_or_create()
+        check_state_dir(state_dir)
+        with _locked(state_dir / _LOCK_FILE):
+            # Decided only under the lock: a process that waited here loads the CA the first one made.
+            self.created = not (self.cert_path.is_file() and self._key_path.is_file())
+            self._cert, self._key = self._create() if self.created else self._load()
         self._contexts: dict[str, ssl.SSLContext] = {}
 
     def pem(self) -> bytes:
@@ -53,15 +99,19 @@ class CertificateAuthority:
             context = self._contexts[host] = self._server_context(host)
         return context
 
-    def _load_or_create(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        if self.cert_path.is_file() and self._key_path.is_file():
-            cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
-            key = serialization.load_pem_private_key(self._key_path.read_bytes(), password=None)
-            if not isinstance(key, ec.EllipticCurvePrivateKey):
-                raise CertificateError(f"{self._key_path} is not an EC private key")
-            self._check_constraints(cert)
-            return cert, key
-        return self._create()
+    def _load(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+        key = serialization.load_pem_private_key(self._key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise CertificateError(f"{self._key_path} is not an EC private key")
+        if cert.public_key() != key.public_key():
+            # Left by a racing write from an older azproxy: every leaf signed with this key would be rejected.
+            raise CertificateError(
+                f"{self.cert_path} does not belong to the key in {self._key_path}. Remove both to make a new CA "
+                "(clients must then trust the new one)."
+            )
+        self._check_constraints(cert)
+        return cert, key
 
     def _check_constraints(self, cert: x509.Certificate) -> None:
         constraints = cert.extensions.get_extension_for_class(x509.NameConstraints).value
@@ -103,14 +153,9 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
             .sign(key, hashes.SHA256())
         )
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _write_private(
-            self._key_path,
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
-        )
-        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        # The key first: clients read ca.pem without the lock, and a certificate must never outlive a lost key.
+        _write_atomic(self._key_path, _private_pem(key), 0o600)
+        _write_atomic(self.cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return cert, key
 
     def issue(self, host: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -143,16 +188,12 @@ class CertificateAuthority:
         leaf_dir = self.state_dir / "leaves"
         leaf_dir.mkdir(exist_ok=True, mode=0o700)
         leaf_path = leaf_dir / f"{host}.pem"
-        # load_cert_chain reads only files; the key never sits in a world-readable one.
-        _write_private(
-            leaf_path,
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-            + cert.public_bytes(serialization.Encoding.PEM),
-        )
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(leaf_path)
+        # load_cert_chain reads only files, and opens this one twice (certificate, then key): it reads this
+        # process's own temporary copy, which no other process writing a leaf for `host` can replace in between.
+        pair = _private_pem(key) + cert.public_bytes(serialization.Encoding.PEM)
+        with _replacing(leaf_path, pair, 0o600) as own_copy:
+            context.load_cert_chain(own_copy)
         context.set_alpn_protocols(["http/1.1"])  # aiohttp's server speaks no HTTP/2
         return context
 
@@ -179,8 +220,55 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(data)
-    path.chmod(0o600)
+def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (made if missing); the kernel drops it if the process dies."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write `data` whole to a temporary file beside `path` and rename it there: readers see the old file or the
+    new one, never a part."""
+    with _replacing(path, data, mode):
+        pass
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, data: bytes, mode: int) -> Iterator[Path]:
+    """Yield a complete, synced temporary file holding `data`, then rename it to `path`.
+
+    The temporary file is private from its creation, so a key is never readable by others, not even briefly."""
+    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = Path(name)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fchmod(file.fileno(), mode)
+            os.fsync(file.fileno())  # the data is on disk before the name points at it
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make the rename itself survive a crash, so the key is not lost while its certificate survives."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
