@@ -10,9 +10,20 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import ConfigError, load_settings, parse_address, read_sources
+from .config import (
+    FLAG_VARIABLES,
+    Address,
+    ConfigError,
+    load_settings,
+    parse_address,
+    read_sources,
+    unknown_variables,
+)
 from .logs import configure_logging
 from .server import new_event_loop, run
+from .settings_table import SETTINGS
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,20 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    flags = {
-        name: getattr(args, name)
-        for name in (
-            "address",
-            "mode",
-            "endpoint",
-            "api_version",
-            "model_mapper",
-            "openai_base_url",
-            "log_level",
-        )
-    }
-    settings = load_settings(read_sources(os.environ, flags))
+    source = read_sources(os.environ, {name: getattr(args, name) for name in FLAG_VARIABLES})
+    settings = load_settings(source)
     configure_logging(settings)
+    unknown = unknown_variables(source)
+    if unknown:
+        log.warning("ignoring variables no setting reads (typos?): %s", ", ".join(unknown))
     run(settings)
     return 0
 
@@ -50,7 +53,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(run_demo(parse_address(args.address), once=args.once))
+        return runner.run(run_demo(_address(args.address), once=args.once))
 
 
 def _emulator(args: argparse.Namespace) -> int:
@@ -58,7 +61,7 @@ def _emulator(args: argparse.Namespace) -> int:
 
     from .emulator import Emulator
 
-    address = parse_address(args.address)
+    address = _address(args.address)
     emulator = Emulator(api_keys=args.api_key, chunks=args.chunks, chunk_delay=args.chunk_delay, record=False)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     web.run_app(
@@ -97,6 +100,13 @@ holding both, e.g. cat "$(python3 -m certifi)" {path} > bundle.pem)""")
     return 0
 
 
+def _address(text: str) -> Address:
+    try:
+        return parse_address(text)
+    except ConfigError as exc:
+        raise ConfigError(f"--address: {exc}") from None
+
+
 def _default_to_serve(argv: list[str]) -> list[str]:
     commands = {"serve", "demo", "emulator", "ca", "-h", "--help", "--version"}
     return argv if argv and argv[0] in commands else ["serve", *argv]
@@ -108,13 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the proxy (the default command)")
-    serve.add_argument("--address", help="listen on HOST:PORT (AZURE_OPENAI_PROXY_ADDRESS)")
-    serve.add_argument("--mode", choices=("azure", "openai"), help="AZURE_OPENAI_PROXY_MODE")
-    serve.add_argument("--endpoint", help="https://RESOURCE.openai.azure.com (AZURE_OPENAI_ENDPOINT)")
-    serve.add_argument("--api-version", help="AZURE_OPENAI_APIVERSION")
-    serve.add_argument("--model-mapper", help="model=deployment,... (AZURE_OPENAI_MODEL_MAPPER)")
-    serve.add_argument("--openai-base-url", help="upstream of openai mode (AZPROXY_OPENAI_BASE_URL)")
-    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (AZPROXY_LOG_LEVEL)")
+    for row in SETTINGS:
+        if row.flag:
+            meaning = row.meaning.replace("`", "").replace("%", "%%")
+            serve.add_argument(row.flag, help=f"{meaning} ({row.env})")
     serve.set_defaults(func=_serve)
 
     demo = commands.add_parser(
