@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint fmt bench clean
+.PHONY: demo test test-floor lint fmt bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,21 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# The oldest aiohttp setup.cfg accepts, in a virtualenv of its own: the declared range is a tested one.
+AIOHTTP_FLOOR := $(shell sed -n 's/^ *aiohttp>=\([0-9.]*\),.*/\1/p' setup.cfg)
+FLOOR_VENV    := .venv-floor
+FLOOR_STAMP   := $(FLOOR_VENV)/.installed-$(AIOHTTP_FLOOR)
+
+$(FLOOR_STAMP): setup.cfg pyproject.toml
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install --quiet -e '.[test]' 'aiohttp==$(AIOHTTP_FLOOR)'
+	touch $(FLOOR_STAMP)
+
+test-floor: $(FLOOR_STAMP)
+	$(FLOOR_VENV)/bin/pytest -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check azproxy tests bench
@@ -31,4 +46,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

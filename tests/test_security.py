@@ -468,6 +468,7 @@ async def limited(emulator_server: TestServer) -> AsyncIterator[int]:
             "AZPROXY_HEADER_TIMEOUT": "0.5",
             "AZPROXY_KEEPALIVE_TIMEOUT": "1",
             "AZPROXY_MAX_CONNECTIONS": "1100",
+            "AZPROXY_MAX_CONNECTIONS_PER_IP": "1100",  # every test client is on 127.0.0.1
             "AZPROXY_MAX_HEADERS": "30",
             "AZPROXY_MAX_HEADER_SIZE": "4096",
         }
