@@ -140,3 +140,16 @@ def _part_name(head: bytes) -> str | None:
             if key.lower() == b"name":
                 return quoted.strip(b'"').decode(errors="replace")
     return None
+
+
+def set_member(body: bytes, key: str, value: str) -> bytes:
+    """The JSON object `body` with top-level `key` set to the JSON text `value` (replaced where present, else
+    added first), every other byte as sent."""
+    text = body.decode()  # json_document already checked it is UTF-8 JSON
+    spans = _top_level_spans(text, key)
+    if spans:
+        start, end = spans[-1]
+        return (text[:start] + value + text[end:]).encode()
+    opening = _skip(text, 0) + 1
+    separator = "" if text[opening:].strip() == "}" else ","
+    return (text[:opening] + f"{json.dumps(key)}:{value}{separator}" + text[opening:]).encode()

@@ -48,6 +48,10 @@ class Operation:
     model_in: ModelIn
     #: A resource operation whose body names a model that Azure reads as a deployment (Responses, assistants).
     model_is_deployment: bool = False
+    #: The body's model is a base model to train, never a deployment (fine-tuning), so it is sent as named.
+    names_base_model: bool = False
+    #: Streams of this operation can report usage when asked (`stream_options.include_usage`).
+    streams_usage: bool = False
     need: VersionNeed | None = None
     websocket: bool = False
 
@@ -59,8 +63,8 @@ class Operation:
 _PREVIEW_ASSISTANTS: Final = VersionNeed("2024-05-01", preview_only=True)
 
 _OPERATIONS: Final = (
-    Operation("chat/completions", Scope.DEPLOYMENT, ModelIn.JSON),
-    Operation("completions", Scope.DEPLOYMENT, ModelIn.JSON),
+    Operation("chat/completions", Scope.DEPLOYMENT, ModelIn.JSON, streams_usage=True),
+    Operation("completions", Scope.DEPLOYMENT, ModelIn.JSON, streams_usage=True),
     Operation("embeddings", Scope.DEPLOYMENT, ModelIn.JSON),
     Operation("images/generations", Scope.DEPLOYMENT, ModelIn.JSON),
     Operation("images/edits", Scope.DEPLOYMENT, ModelIn.FORM, need=VersionNeed("2025-04-01")),
@@ -75,7 +79,7 @@ _OPERATIONS: Final = (
     Operation(
         "batches", Scope.RESOURCE, ModelIn.NOWHERE, need=VersionNeed("2024-07-01", fallback="2024-10-21")
     ),
-    Operation("fine_tuning", Scope.RESOURCE, ModelIn.NOWHERE),  # its model is a base model, not a deployment
+    Operation("fine_tuning", Scope.RESOURCE, ModelIn.NOWHERE, names_base_model=True),
     Operation("models", Scope.RESOURCE, ModelIn.NOWHERE),
     Operation("assistants", Scope.RESOURCE, ModelIn.JSON, model_is_deployment=True, need=_PREVIEW_ASSISTANTS),
     Operation("threads", Scope.RESOURCE, ModelIn.JSON, model_is_deployment=True, need=_PREVIEW_ASSISTANTS),

@@ -15,7 +15,7 @@ from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 from yarl import URL
 
 from .errors import error_response
-from .translate import KEY_SUBPROTOCOL
+from .headers import KEY_SUBPROTOCOL
 
 #: Realtime frames carry base64 audio; 16 MiB holds any event OpenAI documents with room to spare.
 MAX_FRAME: Final = 16 * 1024 * 1024

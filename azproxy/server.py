@@ -11,18 +11,20 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from . import mocks
+from .access import client_key
 from .backends import backends_from
 from .config import Mode, Settings
 from .credentials import Credential
-from .edge.forward import forward_proxy
+from .edge.aiohttp_seam import answer_started
+from .edge.arrival import arrival_of
+from .edge.forward import attach_arrival
 from .errors import ProxyError, error_response, from_http_exception
 from .listener import start_server
 from .logs import protect_server_log
-from .pipeline import Handler, proxy
+from .pipeline import Handler, dispatch_by_arrival, proxy
 from .ratelimit import MemoryCounters, RateLimiter, RedisCounters
 from .resolver import Resolver
 from .state import STATE, ProxyState
-from .translate import client_key
 from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,8 @@ def build_app(
     resolver = resolver or Resolver()
     protect_server_log()
     app = web.Application(
-        client_max_size=settings.limits.max_body, middlewares=[openai_errors, forward_proxy]
+        client_max_size=settings.limits.max_body,
+        middlewares=[openai_errors, attach_arrival, dispatch_by_arrival],
     )
     exempt = frozenset(target.host for target in settings.forward.tunnel_allow)
     upstream = UpstreamClient(
@@ -74,7 +77,7 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception as exc:
-        if request.writer.output_size > 0:
+        if answer_started(request):
             raise
         if isinstance(exc, ProxyError):
             return exc.to_response()
@@ -118,12 +121,11 @@ async def _visible_models(request: web.Request) -> dict[str, str]:
     """The mapper's models and the deployments Azure reports or, for a client with a model allowlist, exactly
     the models it may use."""
     state = request.app[STATE]
-    tunnel = state.tunnels.tunnel_of(request)
-    client = state.access.identify(request.headers, tunnel.client if tunnel else None)
+    client = state.admission.identify(arrival_of(request), request.headers)
     model_map = state.settings.model_map
     if client is not None and client.models is not None:
         return {model: model_map.get(model, model) for model in sorted(client.models)}
-    own_key = None if state.access.enabled else client_key(request.headers)
+    own_key = None if state.admission.enabled else client_key(request.headers)
     reported = await state.listing.deployments(own_key)
     return dict(model_map) | {name: name for name in reported if name not in model_map}
 
@@ -148,6 +150,7 @@ async def _serve_until_stopped(settings: Settings) -> None:
         settings.limits,
         ssl_context=tls_context(settings),
         access_log=access_log,
+        trusted_proxies=settings.access.trusted_proxies,
     )
     scheme = "https" if settings.tls_cert else "http"
     log.info("azproxy %s mode listening on %s://%s", settings.mode, scheme, settings.address)

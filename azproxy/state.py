@@ -6,25 +6,27 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .access import AccessControl
+from .access import Admission
 from .config import Settings
 from .edge.tunnel import Tunnels
 from .listing import DeploymentListing
 from .ratelimit import RateLimiter
 from .resolver import Resolver
 from .upstream import UpstreamClient
+from .usage import UsageObservers
 
 
 class ProxyState:
     __slots__ = (
         "_certificate_authority",
-        "access",
+        "admission",
         "limiter",
         "listing",
         "resolver",
         "settings",
         "tunnels",
         "upstream",
+        "usage",
     )
 
     def __init__(
@@ -34,7 +36,10 @@ class ProxyState:
         self.upstream = upstream
         self.resolver = resolver
         self.limiter = limiter
-        self.access = AccessControl(settings.access.clients)
+        self.admission = Admission(settings, limiter)
+        #: Told the token usage of every answer: rate limits now, whatever else subscribes.
+        self.usage = UsageObservers()
+        self.usage.add(self.admission.charge)
         self.listing = DeploymentListing(upstream)
         self.tunnels = Tunnels(settings.limits.header_timeout)
         self._certificate_authority: CertificateAuthority | None = None

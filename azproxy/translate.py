@@ -8,45 +8,23 @@ model naming the deployment).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 from urllib.parse import unquote
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiMapping
 from yarl import URL
 
 from . import bodies
+from .access import client_key
 from .backends import Backend
 from .config import ApiStyle, Mode
 from .errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized
+from .headers import CLIENT_CREDENTIALS, HOP_BY_HOP, NOT_FOR_AZURE, copy_headers
 from .operations import ModelIn, Operation, Scope, find_operation, operation_path
-
-#: Connection-level headers (RFC 9110 7.6.1) and those a proxy owns; never copied from one hop to the next.
-HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
-
-_CLIENT_CREDENTIALS: Final = HOP_BY_HOP | frozenset({"authorization", "api-key"})
-
-#: Client headers Azure has no use for: OpenAI's credentials and account routing, and browser cookies.
-NOT_FOR_AZURE: Final = _CLIENT_CREDENTIALS | frozenset({"openai-organization", "openai-project", "cookie"})
-
-#: A WebSocket subprotocol carrying the client's key (browsers): never echoed, logged or sent upstream.
-KEY_SUBPROTOCOL: Final = "openai-insecure-api-key."
 
 #: Azure deployment names are letters, digits, `.`, `_`, `-`; OpenAI fine-tune ids add `:`. Nothing that can
 #: leave the path segment (`/`, `?`, `#`, `%`, `..`, controls) gets through.
@@ -73,6 +51,13 @@ class Plan:
     operation: Operation | None
     model: str | None
     client_key: str | None
+    #: The `stream_options` azproxy sends instead of the client's, to learn a stream's usage (JSON text);
+    #: the relay then takes the usage out again, so the client sees the stream it asked for.
+    stream_options: str | None = None
+
+    @property
+    def adds_stream_usage(self) -> bool:
+        return self.stream_options is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,35 +68,63 @@ class UpstreamRequest:
     body: bytes
 
 
-def plan_request(incoming: IncomingRequest, mode: Mode) -> Plan:
-    """Route and read the request once. openai mode relays any path, so it needs nothing from the body."""
+def plan_request(incoming: IncomingRequest, mode: Mode, *, stream_usage: bool = False) -> Plan:
+    """Route and read the request once. openai mode relays any path and every body unchanged, but still reads
+    the model of the operations it knows, so allowlists and limits hold there too.
+
+    `stream_usage` asks Azure for the usage of chat and completion streams whose client did not ask for it.
+    """
+    key = client_key(incoming.headers)
     if mode is Mode.OPENAI:
-        return Plan(None, None, None)
+        operation = find_operation(incoming.path)
+        if operation is None or (operation.scope is Scope.DEPLOYMENT and incoming.method != "POST"):
+            return Plan(operation, None, key)
+        return Plan(operation, _model_and_document(operation, incoming)[0], key)
     operation = route(incoming.method, incoming.path)
-    return Plan(operation, requested_model(operation, incoming), client_key(incoming.headers))
+    model, document = _model_and_document(operation, incoming)
+    options = _stream_options_for_usage(operation, document) if stream_usage else None
+    return Plan(operation, model, key, options)
 
 
 def requested_model(operation: Operation, incoming: IncomingRequest) -> str | None:
     """The model the request names, where this operation names one; required for deployment operations."""
+    return _model_and_document(operation, incoming)[0]
+
+
+def _model_and_document(
+    operation: Operation, incoming: IncomingRequest
+) -> tuple[str | None, dict[str, Any] | None]:
     required = operation.requires_model
     if operation.model_in is ModelIn.JSON:
         if not required and (incoming.method != "POST" or not incoming.body):
-            return None  # reads, deletes and body-less actions (cancel) name no model
-
-        return bodies.model_in(bodies.json_document(incoming.body), required=required)
+            return None, None  # reads, deletes and body-less actions (cancel) name no model
+        document = bodies.json_document(incoming.body)
+        return bodies.model_in(document, required=required), document
     if operation.model_in is ModelIn.FORM:
         field = bodies.form_field(incoming.body, incoming.headers.get("Content-Type", ""), "model")
         if field is None:
             raise BadRequest(
                 "You must provide a model parameter (a form field).", param="model", code="missing_model"
             )
-        return field.value
+        return field.value, None
     if operation.model_in is ModelIn.QUERY:
         model = incoming.query.get("model")
         if not model:
             raise BadRequest("You must provide a model query parameter.", param="model", code="missing_model")
-        return model
-    return None
+        return model, None
+    return None, None
+
+
+def _stream_options_for_usage(operation: Operation, document: dict[str, Any] | None) -> str | None:
+    """New `stream_options` for a stream that did not ask for usage; None when nothing is to change."""
+    if not operation.streams_usage or document is None or document.get("stream") is not True:
+        return None
+    options = document.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        return None  # Azure refuses it anyway, with its own message
+    if options is not None and options.get("include_usage") is True:
+        return None
+    return json.dumps((options or {}) | {"include_usage": True}, separators=(",", ":"))
 
 
 def to_upstream(
@@ -120,7 +133,7 @@ def to_upstream(
     """The request for `backend`. `credential` holds the server-side auth headers; None forwards the client's key."""
     if backend.kind is Mode.OPENAI or plan.operation is None:
         url = URL(backend.origin + incoming.raw_path, encoded=True)
-        headers = copy_headers(incoming.headers, _CLIENT_CREDENTIALS if credential else HOP_BY_HOP)
+        headers = copy_headers(incoming.headers, CLIENT_CREDENTIALS if credential else HOP_BY_HOP)
         headers.update(credential or {})
         return UpstreamRequest(incoming.method, url, headers, incoming.body)
     operation = plan.operation
@@ -140,11 +153,13 @@ def to_upstream(
     headers.update(credential)
     if backend.style is ApiStyle.V1:
         url = v1_url(backend, operation, incoming, deployment)
-        rewrite = operation.model_in is not ModelIn.QUERY and operation.name != "fine_tuning"
+        rewrite = operation.model_in is not ModelIn.QUERY and not operation.names_base_model
     else:
         url = classic_url(backend, operation, incoming, deployment)
         rewrite = operation.model_is_deployment
     body = _with_deployment(incoming, operation, plan.model, deployment) if rewrite else incoming.body
+    if plan.stream_options is not None:
+        body = bodies.set_member(body, "stream_options", plan.stream_options)
     return UpstreamRequest(incoming.method, url, headers, body)
 
 
@@ -246,32 +261,3 @@ def resource_path(incoming: IncomingRequest) -> str:
         if decoded in (".", "..") or "/" in decoded or "\\" in decoded:
             raise BadRequest(f"The path segment {segment!r} is not allowed.", code="invalid_path")
     return raw
-
-
-def client_key(headers: CIMultiDictProxy[str]) -> str | None:
-    """`Authorization: Bearer KEY`, `api-key: KEY`, or (browsers opening a realtime WebSocket, which cannot set
-    headers) the subprotocol `openai-insecure-api-key.KEY`."""
-    authorization = headers.get("Authorization")
-    if authorization:
-        scheme, _, credential = authorization.partition(" ")
-        if scheme.lower() == "bearer" and credential.strip():
-            return credential.strip()
-    key = headers.get("api-key")
-    if key:
-        return key
-    for protocol in headers.get("Sec-WebSocket-Protocol", "").split(","):
-        if protocol.strip().startswith(KEY_SUBPROTOCOL):
-            return protocol.strip().removeprefix(KEY_SUBPROTOCOL) or None
-    return None
-
-
-def copy_headers(headers: CIMultiDictProxy[str], dropped: frozenset[str]) -> CIMultiDict[str]:
-    """Every header but the dropped ones, nor those `Connection` names (copy, then delete: the C-level
-    multidict does this several times faster than filtering in Python, and this runs twice per request)."""
-    copy = CIMultiDict(headers)
-    for name in dropped:
-        if name in copy:
-            del copy[name]
-    for name in headers.get("Connection", "").split(","):
-        copy.popall(name.strip(), None)
-    return copy

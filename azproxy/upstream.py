@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import aiohttp
 from aiohttp import hdrs
@@ -13,9 +13,13 @@ from .backends import Backend
 from .config import Timeouts
 from .errors import BadGateway, GatewayTimeout, ProxyError
 from .resolver import AiohttpResolver
-from .translate import IncomingRequest, Plan, UpstreamRequest, to_upstream
+from .translate import UpstreamRequest
 
 log = logging.getLogger(__name__)
+
+#: The translator bound to one request: the exact request for a backend, given its server-side auth headers
+#: (None: the client's own key is forwarded). The client calls it once per backend it tries.
+Translation = Callable[[Backend, Mapping[str, str] | None], UpstreamRequest]
 
 # aiohttp adds these on its own; a proxy must send only what the client sent (an unasked-for gzip answer would
 # reach a client that cannot read it, since bodies are relayed undecoded).
@@ -60,11 +64,10 @@ class UpstreamClient:
             raise RuntimeError("UpstreamClient.start() was not awaited")
         return self._session
 
-    async def prepare(self, plan: Plan, incoming: IncomingRequest) -> UpstreamRequest:
+    async def prepare(self, translation: Translation) -> UpstreamRequest:
         """The request for the first backend, for callers that speak to it themselves (WebSocket bridging)."""
         backend = self.backends[0]
-        credential = await _credential_headers(backend)
-        return to_upstream(plan, incoming, backend, credential)
+        return translation(backend, await _credential_headers(backend))
 
     async def fetch_json(self, path: str, client_key: str | None) -> object | None:
         """GET `path` (with query) on the first backend, with the server credential or else `client_key`;
@@ -87,7 +90,7 @@ class UpstreamClient:
             return None
 
     async def send(
-        self, plan: Plan, incoming: IncomingRequest, backends: Sequence[Backend] | None = None
+        self, translation: Translation, backends: Sequence[Backend] | None = None
     ) -> aiohttp.ClientResponse:
         """The first backend's answer, whatever its status; an unreachable backend passes to the next one.
 
@@ -97,8 +100,7 @@ class UpstreamClient:
             raise RuntimeError("UpstreamClient.start() was not awaited")
         failure: ProxyError | None = None
         for backend in backends or self.backends:
-            credential = await _credential_headers(backend)
-            request = to_upstream(plan, incoming, backend, credential)
+            request = translation(backend, await _credential_headers(backend))
             try:
                 return await self._session.request(
                     request.method,

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from dataclasses import dataclass
 from typing import Final
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from azproxy.clients import Client
-from azproxy.edge.protocol import new_handler
+from azproxy.edge.aiohttp_seam import forget_connection, handler_for_tunnel
+from azproxy.edge.arrival import Arrival
 from azproxy.errors import BadGateway
 
 log = logging.getLogger(__name__)
@@ -26,45 +25,30 @@ ESTABLISHED: Final = b"HTTP/1.1 200 Connection established\r\n\r\n"
 _HANDSHAKE_TIMEOUT: Final = 10.0
 
 
-@dataclass(frozen=True, slots=True)
-class TunnelTarget:
-    host: str
-    port: int
-
-
-@dataclass(frozen=True, slots=True)
-class OpenTunnel:
-    target: TunnelTarget
-    #: The client whose key the CONNECT presented (access control on), inherited by requests inside.
-    client: Client | None
-
-
 class Tunnels:
-    """Which request handler serves which intercepted tunnel, so requests inside it are known as such."""
+    """Which connection handler serves which intercepted tunnel, so the edge knows requests inside it as such."""
 
     def __init__(self, header_timeout: float) -> None:
-        self._open: dict[RequestHandler, OpenTunnel] = {}
+        self._open: dict[RequestHandler, Arrival] = {}
         #: Like a new connection, a new tunnel must bring its first request head within this many seconds.
         self._header_timeout = header_timeout
         self._heard: set[RequestHandler] = set()
 
-    def tunnel_of(self, request: web.Request) -> OpenTunnel | None:
+    def arrival_for(self, handler: RequestHandler) -> Arrival | None:
+        """The arrival of a request on `handler`'s connection, if that is a tunnel (asked once per request,
+        by the edge); a tunnel that brought a request is no longer silent."""
         if not self._open:
             return None
-        tunnel = self._open.get(request.protocol)
-        if tunnel is not None:
-            self._heard.add(request.protocol)
-        return tunnel
+        arrival = self._open.get(handler)
+        if arrival is not None:
+            self._heard.add(handler)
+        return arrival
 
-    async def intercept(
-        self, request: web.Request, target: TunnelTarget, context: ssl.SSLContext, client: Client | None
-    ) -> None:
-        """End TLS here with `context` and serve the tunnel's requests with a fresh handler of the same app."""
+    async def intercept(self, request: web.Request, inside: Arrival, context: ssl.SSLContext) -> None:
+        """End TLS here with `context` and serve the tunnel's requests, known by `inside`, with a fresh
+        handler of the same app."""
         transport = _raw_transport(request)
-        # No public API hands out the web.Server behind a connection; calling it makes a new RequestHandler.
-        server = request.protocol._manager
-        assert server is not None
-        inner = new_handler(server)
+        inner = handler_for_tunnel(request)
         watcher = _ClosingWatcher(inner)
         loop = asyncio.get_running_loop()
         transport.write(ESTABLISHED)
@@ -73,14 +57,14 @@ class Tunnels:
                 transport, watcher, context, server_side=True, ssl_handshake_timeout=_HANDSHAKE_TIMEOUT
             )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
-            log.debug("TLS handshake in tunnel to %s failed: %s", target.host, exc)
+            log.debug("TLS handshake in tunnel to %s failed: %s", inside.target, exc)
             transport.close()
-            _detach(request)
+            forget_connection(request)
             return
         if tls_transport is None:
-            _detach(request)
+            forget_connection(request)
             return
-        self._open[inner] = OpenTunnel(target, client)
+        self._open[inner] = inside
         deadline = loop.call_later(self._header_timeout, self._close_if_silent, inner, tls_transport)
         try:
             watcher.connection_made(tls_transport)
@@ -90,7 +74,7 @@ class Tunnels:
             del self._open[inner]
             self._heard.discard(inner)
             tls_transport.close()
-            _detach(request)
+            forget_connection(request)
 
     def _close_if_silent(self, inner: RequestHandler, tls_transport: asyncio.BaseTransport) -> None:
         if inner not in self._heard:
@@ -123,7 +107,7 @@ async def blind(request: web.Request, addresses: list[tuple[str, int]]) -> None:
     finally:
         client.close()
         upstream.close()
-        _detach(request)
+        forget_connection(request)
 
 
 def _raw_transport(request: web.Request) -> asyncio.Transport:
@@ -131,11 +115,6 @@ def _raw_transport(request: web.Request) -> asyncio.Transport:
     if transport is None or transport.is_closing():
         raise ConnectionResetError("client left before the tunnel opened")
     return transport  # uvloop's transports implement asyncio.Transport without subclassing it
-
-
-def _detach(request: web.Request) -> None:
-    """Tell aiohttp the outer connection is gone, so it forgets it (it no longer owns the transport)."""
-    request.protocol.connection_lost(None)
 
 
 class _Pipe(asyncio.Protocol):

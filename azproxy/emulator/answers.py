@@ -96,14 +96,19 @@ def text_completion(body: dict[str, Any], model: str, pieces: list[str]) -> dict
 
 
 def chat_stream(body: dict[str, Any], model: str, pieces: list[str]) -> Iterator[dict[str, Any]]:
-    """Azure's chat stream: the filter-only chunk (empty `choices`), role, content, finish, optional usage."""
+    """Azure's chat stream: the filter-only chunk (empty `choices`), role, content, finish, optional usage.
+
+    Asked for usage (`stream_options.include_usage`), every other chunk carries `"usage": null` and a last
+    chunk with empty `choices` carries it (OpenAI's API reference, stream_options; Azure's chat completion
+    chunk schema in the data-plane REST spec has the same nullable `usage`).
+    """
     head = {
         "id": _id("chatcmpl"),
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
         "system_fingerprint": "fp_emulator",
-    }
+    } | _null_usage(body)
     yield {
         "choices": [],
         "created": 0,
@@ -121,7 +126,12 @@ def chat_stream(body: dict[str, Any], model: str, pieces: list[str]) -> Iterator
 
 
 def completion_stream(body: dict[str, Any], model: str, pieces: list[str]) -> Iterator[dict[str, Any]]:
-    head = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model}
+    head = {
+        "id": _id("cmpl"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+    } | _null_usage(body)
     yield {
         "choices": [],
         "created": 0,
@@ -193,6 +203,10 @@ def _delta(delta: dict[str, Any], finish: str | None, filters: dict[str, Any]) -
         "logprobs": None,
         "content_filter_results": filters,
     }
+
+
+def _null_usage(body: dict[str, Any]) -> dict[str, None]:
+    return {"usage": None} if _wants_usage(body) else {}
 
 
 def _wants_usage(body: dict[str, Any]) -> bool:
