@@ -2,12 +2,15 @@
 
 Fixed one-minute windows: cheap, and the same arithmetic in memory and in Redis (INCR with an expiry).
 Tokens are charged after the answer, from its `usage`, so a request is admitted while the window has tokens left.
+The clock is a parameter (wall-clock seconds, `time.time` by default) so a window's edges can be tested exactly.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -17,6 +20,9 @@ from .errors import ProxyError
 log = logging.getLogger(__name__)
 
 WINDOW: Final = 60
+
+#: Seconds since the epoch; windows are numbered `int(clock() // WINDOW)` so every process agrees on them.
+Clock = Callable[[], float]
 
 
 class RateLimited(ProxyError):
@@ -60,12 +66,13 @@ class Counters(Protocol):
 
 
 class RateLimiter:
-    def __init__(self, counters: Counters) -> None:
+    def __init__(self, counters: Counters, *, clock: Clock = time.time) -> None:
         self._counters = counters
+        self._clock = clock
 
     async def admit(self, client: Client) -> Usage:
         """Count the request; 429 with retry-after when the client's window is spent (the request is not sent)."""
-        now = time.time()
+        now = self._clock()
         window, reset = int(now // WINDOW), WINDOW - now % WINDOW
         requests = await self._counters.add(_key(client, window, "requests"), 1) if client.rpm else 0
         tokens = await self._counters.add(_key(client, window, "tokens"), 0) if client.tpm else 0
@@ -76,17 +83,19 @@ class RateLimiter:
         if client.tpm and tokens >= client.tpm:
             spent.append("tokens")
         if spent:
+            # Whole seconds, rounded up: a client that waits as told finds the new window.
+            wait = math.ceil(reset)
             raise RateLimited(
                 f"Rate limit reached for client '{client.name}': {' and '.join(spent)} per minute. "
-                f"Try again in {reset:.0f}s.",
+                f"Try again in {wait}s.",
                 code="rate_limit_exceeded",
-                headers=usage.headers() | {"retry-after": str(max(1, round(reset)))},
+                headers=usage.headers() | {"retry-after": str(wait)},
             )
         return usage
 
     async def charge(self, client: Client, tokens: int) -> None:
         if client.tpm and tokens > 0:
-            await self._counters.add(_key(client, int(time.time() // WINDOW), "tokens"), tokens)
+            await self._counters.add(_key(client, int(self._clock() // WINDOW), "tokens"), tokens)
 
     async def close(self) -> None:
         await self._counters.close()
@@ -99,12 +108,13 @@ def _key(client: Client, window: int, kind: str) -> str:
 class MemoryCounters:
     """Counters for one process; windows older than the current one are dropped as time moves on."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Clock = time.time) -> None:
+        self._clock = clock
         self._counts: dict[str, int] = {}
         self._window = 0
 
     async def add(self, key: str, amount: int) -> int:
-        window = int(time.time() // WINDOW)
+        window = int(self._clock() // WINDOW)
         if window != self._window:
             self._counts = {k: v for k, v in self._counts.items() if f":{window}:" in k}
             self._window = window
