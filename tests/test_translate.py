@@ -9,8 +9,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from azproxy.backends import Backend
-from azproxy.config import BUILTIN_MODEL_MAP, Mode, parse_model_map
+from azproxy.config import BUILTIN_MODEL_MAP, ApiStyle, Mode, parse_model_map
 from azproxy.errors import BadRequest, NotFound, ProxyError, Unauthorized
+from azproxy.headers import HOP_BY_HOP, copy_headers
 from azproxy.translate import IncomingRequest, plan_request, route, to_upstream
 
 AZURE = Backend("azure", Mode.AZURE, URL("https://res.openai.azure.com"), "2024-10-21", BUILTIN_MODEL_MAP)
@@ -159,3 +160,68 @@ def test_openai_mode_relays_path_query_auth_and_body_unchanged() -> None:
     assert upstream.headers["Authorization"] == "Bearer client-key"
     assert upstream.body == b"raw bytes"
     assert "Connection" not in upstream.headers
+
+
+V1 = Backend(
+    "azure",
+    Mode.AZURE,
+    URL("https://res.openai.azure.com"),
+    "2024-10-21",
+    {"gpt-4o": "prod-4o"},
+    style=ApiStyle.V1,
+)
+
+
+def test_fine_tuning_names_a_base_model_never_a_deployment() -> None:
+    job = incoming("/v1/fine_tuning/jobs", {"model": "gpt-4o", "training_file": "file-1"})
+    assert json.loads(translate(job, V1).body)["model"] == "gpt-4o"
+    answer = incoming("/v1/responses", {"model": "gpt-4o", "input": "x"})
+    assert (
+        json.loads(translate(answer, V1).body)["model"] == "prod-4o"
+    )  # other resource operations are mapped
+
+
+def test_openai_mode_reads_the_model_but_keeps_the_body() -> None:
+    request = incoming(body={"model": "gpt-3.5-turbo", "stream": True})
+    plan = plan_request(request, Mode.OPENAI, stream_usage=True)
+    assert plan.model == "gpt-3.5-turbo"
+    assert not plan.adds_stream_usage  # openai mode relays bodies unchanged
+    assert translate(request, OPENAI).body == request.body
+    assert plan_request(incoming("/v1/some/future/api", {"x": 1}), Mode.OPENAI).model is None
+
+
+@pytest.mark.parametrize(
+    ("body", "sent_options"),
+    [
+        (b'{"model": "gpt-4o", "stream": true}', {"include_usage": True}),
+        (b'{"model":"gpt-4o","stream":true,"stream_options":{"x":1}}', {"x": 1, "include_usage": True}),
+        (b'{"model":"gpt-4o","stream":true,"stream_options":null}', {"include_usage": True}),
+        (b'{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}', None),
+        (b'{"model":"gpt-4o","stream":false}', None),
+        (b'{"model":"gpt-4o"}', None),
+    ],
+)
+def test_streams_ask_for_usage_the_client_did_not(body: bytes, sent_options: object) -> None:
+    request = incoming(body=body)
+    plan = plan_request(request, Mode.AZURE, stream_usage=True)
+    sent = to_upstream(plan, request, AZURE).body
+    assert plan.adds_stream_usage is (sent_options is not None)
+    if sent_options is None:
+        assert sent == body
+    else:
+        document = json.loads(sent)
+        assert document.pop("stream_options") == sent_options
+        assert document == {k: v for k, v in json.loads(body).items() if k != "stream_options"}
+        assert sent.count(b'"stream_options"') == 1
+
+
+def test_a_key_offered_as_subprotocol_is_never_forwarded() -> None:
+    headers = CIMultiDictProxy(
+        CIMultiDict({"Sec-WebSocket-Protocol": "realtime, openai-insecure-api-key.sk-secret", "X-Other": "1"})
+    )
+    copied = copy_headers(headers, HOP_BY_HOP)
+    assert copied["Sec-WebSocket-Protocol"] == "realtime"
+    only_key = copy_headers(
+        CIMultiDictProxy(CIMultiDict({"Sec-WebSocket-Protocol": "openai-insecure-api-key.k"})), HOP_BY_HOP
+    )
+    assert "Sec-WebSocket-Protocol" not in only_key

@@ -8,6 +8,7 @@ where the pipeline's.
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from yarl import URL
 
 from azproxy.config import ForwardProxy, Mode, Settings
@@ -15,7 +16,6 @@ from azproxy.edge.aiohttp_seam import request_target
 from azproxy.edge.arrival import ARRIVAL, REVERSE, Arrival, ArrivalKind, Passage, Target
 from azproxy.edge.tunnel import Tunnels
 from azproxy.errors import BadRequest
-from azproxy.pipeline import Handler
 from azproxy.state import STATE
 
 
