@@ -16,6 +16,8 @@ SAFE: Final[dict[str, Any]] = {
 }
 #: A prompt holding this word is refused the way Azure's content filter refuses one.
 FILTER_TRIGGER: Final = "__content_filter__"
+#: With the asynchronous filter, an annotation chunk follows every this many content chunks (and one ends the text).
+ANNOTATION_EVERY: Final = 3
 
 
 def prompt_filter_results() -> list[dict[str, Any]]:
@@ -95,12 +97,20 @@ def text_completion(body: dict[str, Any], model: str, pieces: list[str]) -> dict
     }
 
 
-def chat_stream(body: dict[str, Any], model: str, pieces: list[str]) -> Iterator[dict[str, Any]]:
+def chat_stream(
+    body: dict[str, Any], model: str, pieces: list[str], *, async_filter: bool = False
+) -> Iterator[dict[str, Any]]:
     """Azure's chat stream: the filter-only chunk (empty `choices`), role, content, finish, optional usage.
 
     Asked for usage (`stream_options.include_usage`), every other chunk carries `"usage": null` and a last
     chunk with empty `choices` carries it (OpenAI's API reference, stream_options; Azure's chat completion
     chunk schema in the data-plane REST spec has the same nullable `usage`).
+
+    With the asynchronous filter (Azure's "Content streaming" concept page, "Asynchronous filtering"), content
+    chunks come unfiltered, without `content_filter_results`, and annotation chunks follow them: a choice with
+    only `index`, `finish_reason: null`, `content_filter_offsets` (character offsets into the text so far) and
+    `content_filter_results`, under the blank `id`/`model`/`object` of the filter-only chunk. The last
+    annotation comes after the finish chunk, as Azure's filter lags the text.
     """
     head = {
         "id": _id("chatcmpl"),
@@ -118,9 +128,19 @@ def chat_stream(body: dict[str, Any], model: str, pieces: list[str]) -> Iterator
         "prompt_filter_results": prompt_filter_results(),
     }
     yield head | {"choices": [_delta({"role": "assistant", "content": ""}, None, {})]}
-    for piece in pieces:
-        yield head | {"choices": [_delta({"content": piece}, None, SAFE)]}
-    yield head | {"choices": [_delta({}, "stop", {})]}
+    checked = sent = 0
+    for number, piece in enumerate(pieces, 1):
+        if not async_filter:
+            yield head | {"choices": [_delta({"content": piece}, None, SAFE)]}
+            continue
+        yield head | {"choices": [_delta({"content": piece}, None, None)]}
+        sent += len(piece)
+        if number % ANNOTATION_EVERY == 0 and number < len(pieces):
+            yield _annotation(checked, sent)
+            checked = sent
+    yield head | {"choices": [_delta({}, "stop", {} if not async_filter else None)]}
+    if async_filter and checked < sent:
+        yield _annotation(checked, sent)
     if _wants_usage(body):
         yield head | {"choices": [], "usage": usage(body, len(pieces))}
 
@@ -195,14 +215,32 @@ def content_filter_refusal() -> dict[str, Any]:
     }
 
 
-def _delta(delta: dict[str, Any], finish: str | None, filters: dict[str, Any]) -> dict[str, Any]:
-    return {
+def content_span(events: list[dict[str, Any]]) -> int:
+    """How many of `events` (from the first content chunk on) run up to the last one carrying content."""
+    last = 0
+    for index, event in enumerate(events):
+        for choice in event.get("choices") or ():
+            if choice.get("delta", {}).get("content") or choice.get("text"):
+                last = index + 1
+    return last
+
+
+def _annotation(start: int, end: int) -> dict[str, Any]:
+    """An asynchronous-filter annotation of the text between character offsets `start` and `end`."""
+    offsets = {"check_offset": start, "start_offset": start, "end_offset": end}
+    choice = {
         "index": 0,
-        "delta": delta,
-        "finish_reason": finish,
-        "logprobs": None,
-        "content_filter_results": filters,
+        "finish_reason": None,
+        "content_filter_offsets": offsets,
+        "content_filter_results": SAFE,
     }
+    return {"choices": [choice], "created": 0, "id": "", "model": "", "object": ""}
+
+
+def _delta(delta: dict[str, Any], finish: str | None, filters: dict[str, Any] | None) -> dict[str, Any]:
+    """A chat chunk's choice; `filters` None leaves `content_filter_results` out (asynchronous filter)."""
+    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    return choice if filters is None else choice | {"content_filter_results": filters}
 
 
 def _null_usage(body: dict[str, Any]) -> dict[str, None]:

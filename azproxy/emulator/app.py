@@ -4,12 +4,18 @@ It serves both URL styles: classic (`/openai/deployments/{name}/{operation}` and
 `api-version`) and v1 (`/openai/v1/{operation}`, the deployment named by the body's `model`). It records every
 request it receives, so tests assert on what "Azure" saw, and it can be told to fail (429 with `retry-after`),
 to pace or hold its streams, and it notices when a client leaves mid-stream.
+
+Switches for behaviours Azure has but not by default: `gzip` (compress JSON answers and SSE streams when the
+request accepts gzip; Azure does so when asked: HTTP semantics, RFC 9110 §12.5.3, as Azure's front door applies
+them) and `async_filter` (the "Asynchronous Filter" streaming mode of a deployment's content filter).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip as gzip_format
 import json
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,9 +32,11 @@ from .deployments import DEFAULT_DEPLOYMENTS, Catalog, Deployment
 from .multipart import Form, parse_form
 from .realtime import RealtimeSession
 from .resources import Resources
+from .response_socket import ResponseSocket
 from .responses import Responses
 from .vector_stores import VectorStores
 from .versions import classic_allows, v1_allows
+from .webrtc import EphemeralKey, RealtimeCalls
 
 _KEY_REFUSED: Final = (
     "Access denied due to invalid subscription key or wrong API endpoint. "
@@ -95,6 +103,8 @@ class Emulator:
         chunk_delay: float = 0.0,
         record: bool = True,
         entra_tokens: Iterable[str] = (),
+        gzip: bool = False,
+        async_filter: bool = False,
     ) -> None:
         self.api_keys = frozenset(api_keys)
         self.entra_tokens = frozenset(entra_tokens)
@@ -103,9 +113,17 @@ class Emulator:
         self.chunks = chunks
         self.chunk_delay = chunk_delay
         self.record = record
+        #: Compress JSON answers and SSE streams (each event flushed on its own) when the request accepts gzip.
+        self.gzip = gzip
+        #: Chat streams carry asynchronous-filter annotation chunks (see `answers.chat_stream`).
+        self.async_filter = async_filter
+        #: How long a Responses WebSocket lives before Azure's `websocket_connection_limit_reached` (60 minutes).
+        self.responses_socket_max_age = 3600.0
         self.received: list[ReceivedRequest] = []
         #: Every WebSocket frame realtime clients sent, text or binary, in order (when recording).
         self.realtime_frames: list[str | bytes] = []
+        #: Every frame Responses WebSocket clients sent, in order (when recording).
+        self.response_frames: list[str | bytes] = []
         self.failures: deque[CannedFailure] = deque()
         #: When set, streams pause after their first content chunk until the event is set.
         self.stream_gate: asyncio.Event | None = None
@@ -118,6 +136,8 @@ class Emulator:
         self.assistants = Assistants(self.catalog)
         self.vector_stores = VectorStores(self.resources.files)
         self.responses = Responses(self.catalog)
+        #: Ephemeral keys issued by `realtime/client_secrets` and WebRTC calls set up with `realtime/calls`.
+        self.realtime_calls = RealtimeCalls(self.catalog)
 
     @property
     def last(self) -> ReceivedRequest:
@@ -140,6 +160,9 @@ class Emulator:
         router = app.router
         router.add_get("/openai/realtime", self._realtime(v1=False))
         router.add_get("/openai/v1/realtime", self._realtime(v1=True))
+        router.add_get("/openai/v1/responses", self._responses_socket)
+        router.add_post("/openai/v1/realtime/client_secrets", self._client_secret)
+        router.add_post("/openai/v1/realtime/calls", self._realtime_call)
         router.add_route("*", "/openai/deployments/{deployment}/{operation:.+}", self._deployment_operation)
         for operation in inference.OPERATIONS:
             router.add_route("*", f"/openai/v1/{operation}", self._v1_deployment_operation(operation))
@@ -166,7 +189,7 @@ class Emulator:
             deployment = self.catalog.resolve(request.match_info["deployment"], operation)
             if request.method != "POST":
                 raise AzureError(405, "405", "Method not allowed")
-            return inference.answer(call, operation, deployment)
+            return inference.answer(call, operation, deployment, self.catalog.serving_model(deployment))
 
         return await self._serve(request, operation, False, handle)
 
@@ -177,7 +200,7 @@ class Emulator:
             if call.request.method != "POST":
                 raise AzureError(405, "405", "Method not allowed")
             deployment = self.catalog.resolve(inference.named_deployment(call, operation), operation)
-            return inference.answer(call, operation, deployment)
+            return inference.answer(call, operation, deployment, self.catalog.serving_model(deployment))
 
         async def serve(request: web.Request) -> web.StreamResponse:
             return await self._serve(request, operation, True, handle)
@@ -196,12 +219,33 @@ class Emulator:
         call = await self._receive(request, v1)
         refusal = self._refusal(request, operation, v1)
         if refusal is not None:
-            return refusal
+            return self._encoded(request, refusal)
         try:
             answer = handle(call)
         except AzureError as error:
-            return error.response()
-        return await self._stream(request, answer) if isinstance(answer, Stream) else answer
+            return self._encoded(request, error.response())
+        if isinstance(answer, Stream):
+            return await self._stream(request, answer)
+        return self._encoded(request, answer)
+
+    def _encoded(self, request: web.Request, answer: web.StreamResponse) -> web.StreamResponse:
+        """A JSON answer gzip-compressed, when the emulator compresses and the request accepts gzip."""
+        if not self._gzips(request) or not isinstance(answer, web.Response):
+            return answer
+        if answer.content_type != "application/json" or not isinstance(answer.body, bytes):
+            return answer
+        answer.body = gzip_format.compress(answer.body)
+        answer.headers["Content-Encoding"] = "gzip"
+        answer.headers["Vary"] = "Accept-Encoding"
+        return answer
+
+    def _gzips(self, request: web.Request) -> bool:
+        """Whether to compress: switched on, and `Accept-Encoding` names gzip without `q=0`."""
+        accepted = request.headers.get(hdrs.ACCEPT_ENCODING, "").lower().replace(" ", "")
+        return self.gzip and any(
+            part.split(";")[0] == "gzip" and not part.endswith(("q=0", "q=0.0", "q=0.00", "q=0.000"))
+            for part in accepted.split(",")
+        )
 
     async def _receive(self, request: web.Request, v1: bool) -> Call:
         """Read and record the request; a multipart body is also parsed, for the handler and for `.form()`."""
@@ -213,13 +257,24 @@ class Emulator:
             self.received.append(
                 ReceivedRequest(request.method, request.url, CIMultiDict(request.headers), body, form)
             )
-        return Call(request, body, form, v1, _int_header(request, "x-emulator-chunks", self.chunks))
+        chunks = _int_header(request, "x-emulator-chunks", self.chunks)
+        return Call(request, body, form, v1, chunks, self.async_filter)
 
     def _refusal(
-        self, request: web.Request, operation: str, v1: bool, key_in_query: bool = False
+        self,
+        request: web.Request,
+        operation: str,
+        v1: bool,
+        key_in_query: bool = False,
+        ephemeral: bool = False,
     ) -> web.Response | None:
-        """Azure's checks, in Azure's order: credentials, api-version, then injected failures."""
+        """Azure's checks, in Azure's order: credentials, api-version, then injected failures.
+
+        `ephemeral`: realtime on v1 also takes a live `ek_` key from `realtime/client_secrets` as a bearer.
+        """
         refused = self._credentials_refused(request, v1, key_in_query)
+        if refused is not None and ephemeral and self._ephemeral_key(request) is not None:
+            refused = None
         if refused is not None:
             return AzureError(401, "401", refused).response()
         versions = request.query.getall("api-version", [])
@@ -251,6 +306,10 @@ class Emulator:
             return None
         return _TOKEN_REFUSED if key is None else _KEY_REFUSED
 
+    def _ephemeral_key(self, request: web.Request) -> EphemeralKey | None:
+        scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+        return self.realtime_calls.valid(token) if scheme.lower() == "bearer" else None
+
     def _key_accepted(self, key: str | None) -> bool:
         return bool(key) and (not self.api_keys or key in self.api_keys)
 
@@ -259,7 +318,7 @@ class Emulator:
 
         async def serve(request: web.Request) -> web.StreamResponse:
             call = await self._receive(request, v1)
-            refusal = self._refusal(request, "realtime", v1, key_in_query=True)
+            refusal = self._refusal(request, "realtime", v1, key_in_query=True, ephemeral=v1)
             if refusal is not None:
                 return refusal
             try:
@@ -274,21 +333,56 @@ class Emulator:
 
         return serve
 
+    async def _responses_socket(self, request: web.Request) -> web.StreamResponse:
+        """Responses over WebSocket; without an upgrade, GET on the collection is not an operation (404)."""
+        if request.headers.get(hdrs.UPGRADE, "").lower() != "websocket":
+            return await self._not_found(request)
+        call = await self._receive(request, True)
+        refusal = self._refusal(request, "responses", True)
+        if refusal is not None:
+            return self._encoded(request, refusal)
+        frames = self.response_frames if self.record else []
+        pace = (_float_header(request, "x-emulator-delay", self.chunk_delay), self.stream_gate)
+        socket = ResponseSocket(self.responses, frames, call.chunks, pace, self.responses_socket_max_age)
+        return await socket.serve(request)
+
+    async def _client_secret(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "realtime", True, self.realtime_calls.client_secret)
+
+    async def _realtime_call(self, request: web.Request) -> web.StreamResponse:
+        """The SDP offer, authorised by an ephemeral key (or the resource's own credentials)."""
+        call = await self._receive(request, True)
+        refusal = self._refusal(request, "realtime", True, ephemeral=True)
+        if refusal is not None:
+            return self._encoded(request, refusal)
+        try:
+            return self.realtime_calls.create_call(call, self._ephemeral_key(request))
+        except AzureError as error:
+            return self._encoded(request, error.response())
+
     async def _stream(self, request: web.Request, stream: Stream) -> web.StreamResponse:
+        """Send a stream, paced and gated; SSE gzip-compressed (when on and accepted) with a sync flush per event."""
         delay = _float_header(request, "x-emulator-delay", self.chunk_delay)
-        response = web.StreamResponse(headers=headers() | {"Content-Type": stream.content_type})
+        encoder = None
+        stream_headers = headers() | {"Content-Type": stream.content_type}
+        if self._gzips(request) and stream.content_type.startswith("text/event-stream"):
+            encoder = zlib.compressobj(wbits=31)  # gzip framing
+            stream_headers |= {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+        response = web.StreamResponse(headers=stream_headers)
         self.streams_started += 1
         try:
             await response.prepare(request)
             for index, piece in enumerate(stream.pieces):
-                await response.write(piece)
+                await response.write(_sync_flushed(encoder, piece))
                 self.chunks_sent += 1
                 if index == stream.content.start and self.stream_gate is not None:
                     await self.stream_gate.wait()
                 elif index in stream.content and delay:
                     await asyncio.sleep(delay)
             if stream.trailer:
-                await response.write(stream.trailer)
+                await response.write(_sync_flushed(encoder, stream.trailer))
+            if encoder is not None:
+                await response.write(encoder.flush(zlib.Z_FINISH))
             await response.write_eof()
         except (ConnectionError, asyncio.CancelledError):
             self.streams_aborted += 1
@@ -297,13 +391,18 @@ class Emulator:
         self.streams_finished += 1
         return response
 
-    async def _not_found(self, request: web.Request) -> web.Response:
+    async def _not_found(self, request: web.Request) -> web.StreamResponse:
         if self.record:
             body = await request.read()
             self.received.append(
                 ReceivedRequest(request.method, request.url, CIMultiDict(request.headers), body)
             )
-        return AzureError(404, "404", "Resource not found").response()
+        return self._encoded(request, AzureError(404, "404", "Resource not found").response())
+
+
+def _sync_flushed(encoder: zlib._Compress | None, piece: bytes) -> bytes:
+    """`piece` as is, or compressed and sync-flushed so the client can decode it before the next one comes."""
+    return piece if encoder is None else encoder.compress(piece) + encoder.flush(zlib.Z_SYNC_FLUSH)
 
 
 def _int_header(request: web.Request, name: str, default: int | None) -> int | None:

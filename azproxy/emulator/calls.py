@@ -87,6 +87,8 @@ class Call:
     v1: bool
     #: Content pieces per generated answer (x-emulator-chunks, else the emulator's setting); None: one per word.
     chunks: int | None
+    #: Chat streams carry Azure's asynchronous-filter annotations (the emulator's `async_filter` switch).
+    async_filter: bool = False
 
     @property
     def query(self) -> MultiMapping[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -29,6 +31,22 @@ class Deployment:
     model: str
     kind: str = "chat"
 
+    @property
+    def reasoning(self) -> bool:
+        """o-series and gpt-5 models refuse `max_tokens` and sampling parameters (Azure's reasoning-models guide)."""
+        return _REASONING.match(self.model) is not None
+
+    @property
+    def router(self) -> bool:
+        """model-router picks a model per request and names it in the answer (Azure's model-router concept page)."""
+        return self.model.startswith("model-router")
+
+
+#: Model names of the reasoning families: o1, o3, o3-mini, o4-mini..., gpt-5, gpt-5-mini, gpt-5.1...
+_REASONING: Final = re.compile(r"(o\d+|gpt-5)([-.]|$)")
+#: The models the emulated model-router hands requests to, in turn, so answers name varying models.
+ROUTED_MODELS: Final = ("gpt-4.1-mini-2025-04-14", "gpt-5-nano-2025-08-07", "o4-mini-2025-04-16")
+
 
 DEFAULT_DEPLOYMENTS: Final = (
     Deployment("gpt-35-turbo", "gpt-35-turbo"),
@@ -42,6 +60,10 @@ DEFAULT_DEPLOYMENTS: Final = (
     Deployment("whisper", "whisper", "transcription"),
     Deployment("tts", "tts", "speech"),
     Deployment("gpt-4o-realtime-preview", "gpt-4o-realtime-preview-2024-12-17", "realtime"),
+    Deployment("o3-mini", "o3-mini-2025-01-31"),
+    Deployment("o4-mini", "o4-mini-2025-04-16"),
+    Deployment("gpt-5", "gpt-5-2025-08-07"),
+    Deployment("model-router", "model-router-2025-11-18"),
 )
 
 
@@ -53,6 +75,11 @@ class Catalog:
 
     def __init__(self, deployments: Iterable[Deployment]) -> None:
         self.by_name = {d.name: d for d in deployments}
+        self._routed = itertools.cycle(ROUTED_MODELS)
+
+    def serving_model(self, deployment: Deployment) -> str:
+        """The model an answer names: the deployment's, or for model-router the one it routed this request to."""
+        return next(self._routed) if deployment.router else deployment.model
 
     def resolve(self, name: object, operation: str) -> Deployment:
         deployment = self.by_name.get(name) if isinstance(name, str) else None

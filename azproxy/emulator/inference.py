@@ -30,6 +30,16 @@ MULTIPART_OPERATIONS: Final = frozenset(
 )
 _SSE: Final = "text/event-stream; charset=utf-8"
 _SPEECH_CHUNKS: Final = 4
+#: What reasoning deployments refuse in a chat body, checked in this order, the first one found answered
+#: (Azure's "Azure OpenAI reasoning models" guide, "Not supported" parameters; the error shape is Azure's 400).
+_REASONING_REFUSED: Final = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "logprobs",
+)
 
 
 def named_deployment(call: Call, operation: str) -> object:
@@ -39,7 +49,8 @@ def named_deployment(call: Call, operation: str) -> object:
     return call.json().get("model")
 
 
-def answer(call: Call, operation: str, deployment: Deployment) -> Answer:
+def answer(call: Call, operation: str, deployment: Deployment, model: str) -> Answer:
+    """The answer of `deployment`; `model` is the one it names (model-router's pick, else the deployment's)."""
     if operation in MULTIPART_OPERATIONS:
         form = call.multipart()
         if operation.startswith("audio/"):
@@ -50,23 +61,42 @@ def answer(call: Call, operation: str, deployment: Deployment) -> Answer:
         return _images(str(body.get("prompt", "")), body)
     if operation == "audio/speech":
         return _speech(call, body)
+    chat = operation == "chat/completions"
+    if chat and deployment.reasoning:
+        _refuse_unsupported(body)
     if answers.FILTER_TRIGGER in answers.prompt_text(body):
         return json_answer(answers.content_filter_refusal(), status=400)
     if operation == "embeddings":
         return json_answer(answers.embeddings(body, deployment.model))
     pieces = answers.answer_pieces(body, call.chunks)
-    chat = operation == "chat/completions"
     if body.get("stream") is True:
-        events = (answers.chat_stream if chat else answers.completion_stream)(body, deployment.model, pieces)
+        if chat:
+            events = list(answers.chat_stream(body, model, pieces, async_filter=call.async_filter))
+        else:
+            events = list(answers.completion_stream(body, model, pieces))
         first_content = 2 if chat else 1  # after the filter-only chunk (and the role chunk in chat)
         return Stream(
-            (sse(event) for event in events),
+            [sse(event) for event in events],
             _SSE,
-            range(first_content, first_content + len(pieces)),
+            range(first_content, first_content + answers.content_span(events[first_content:])),
             trailer=b"data: [DONE]\n\n",
         )
-    document = (answers.chat_completion if chat else answers.text_completion)(body, deployment.model, pieces)
+    document = (answers.chat_completion if chat else answers.text_completion)(body, model, pieces)
     return json_answer(document)
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    """Azure's 400 for the first parameter a reasoning model does not take (a null value counts as absent)."""
+    for name in _REASONING_REFUSED:
+        if body.get(name) is not None:
+            hint = " Use 'max_completion_tokens' instead." if name == "max_tokens" else ""
+            raise AzureError(
+                400,
+                "unsupported_parameter",
+                f"Unsupported parameter: '{name}' is not supported with this model.{hint}",
+                type="invalid_request_error",
+                param=name,
+            )
 
 
 def _images(prompt: str, options: Mapping[str, Any]) -> web.Response:

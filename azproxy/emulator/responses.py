@@ -8,6 +8,7 @@ its `sequence_number`, and no `[DONE]`.
 from __future__ import annotations
 
 import time
+from collections.abc import Container
 from typing import Any, Final
 
 from . import answers
@@ -16,6 +17,12 @@ from .deployments import Catalog
 from .objects import Obj, deleted, find, new_id, page
 
 _SSE: Final = "text/event-stream; charset=utf-8"
+#: The events before the first text delta: created, in_progress, output_item.added, content_part.added.
+HEAD_EVENTS: Final = 4
+
+
+class FilteredPrompt(Exception):
+    """The prompt trips the content filter: Azure's 400 over HTTP, an error event over WebSocket."""
 
 
 class Responses:
@@ -36,24 +43,41 @@ class Responses:
 
     def create(self, call: Call) -> Answer:
         body = call.json()
+        try:
+            response, pieces = self.generate(body, call.chunks)
+        except FilteredPrompt:
+            return json_answer(answers.content_filter_refusal(), status=400)
+        if body.get("stream") is True:
+            return _stream(response, pieces)
+        return json_answer(response)
+
+    def generate(
+        self, body: dict[str, Any], chunks: int | None, cached: Container[str] = ()
+    ) -> tuple[Obj, list[str]]:
+        """The response to a create body and its text pieces, stored unless `store` is false.
+
+        `cached` are ids a WebSocket connection remembers, valid as `previous_response_id` even unstored.
+        """
         deployment = self.catalog.resolve(body.get("model"), "responses")
         previous = body.get("previous_response_id")
-        if previous is not None and previous not in self.responses:
+        if previous is not None and previous not in self.responses and previous not in cached:
             raise AzureError(
-                404, "previous_response_not_found", f"Previous response with id '{previous}' not found."
+                404,
+                "previous_response_not_found",
+                f"Previous response with id '{previous}' not found.",
+                param="previous_response_id",
             )
         items = _input_items(body.get("input"))
         chat = {"messages": [{"role": item["role"], "content": _text(item)} for item in items]}
         if answers.FILTER_TRIGGER in answers.prompt_text(chat):
-            return json_answer(answers.content_filter_refusal(), status=400)
-        pieces = answers.answer_pieces(chat, call.chunks)
-        response = _response(body, deployment.model, "".join(pieces), answers.usage(chat, len(pieces)))
+            raise FilteredPrompt
+        pieces = answers.answer_pieces(chat, chunks)
+        model = self.catalog.serving_model(deployment)
+        response = _response(body, model, "".join(pieces), answers.usage(chat, len(pieces)))
         if body.get("store", True) is not False:
             self.responses[response["id"]] = response
             self.inputs[response["id"]] = items
-        if body.get("stream") is True:
-            return _stream(response, pieces)
-        return json_answer(response)
+        return response, pieces
 
     def get(self, call: Call) -> Answer:
         return json_answer(self._response(call))
@@ -119,7 +143,8 @@ def _response(body: dict[str, Any], model: str, text: str, usage: dict[str, int]
     return response
 
 
-def _stream(response: Obj, pieces: list[str]) -> Stream:
+def events(response: Obj, pieces: list[str]) -> list[Obj]:
+    """The events of a streamed create, each with its `type` and `sequence_number`; content from `HEAD_EVENTS` on."""
     message = response["output"][0]
     part = message["content"][0]
     started = response | {"status": "in_progress", "output": [], "usage": None}
@@ -140,8 +165,16 @@ def _stream(response: Obj, pieces: list[str]) -> Stream:
         ("response.output_item.done", {"output_index": 0, "item": message}),
         ("response.completed", {"response": response}),
     ]
-    events = [
-        sse({"type": name, "sequence_number": number} | data, name)
+    return [
+        {"type": name, "sequence_number": number} | data
         for number, (name, data) in enumerate((*head, *deltas, *tail))
     ]
-    return Stream(events, _SSE, range(len(head), len(head) + len(deltas)))
+
+
+def _stream(response: Obj, pieces: list[str]) -> Stream:
+    """The streamed create over HTTP: the events as named server-sent events, no `[DONE]`."""
+    return Stream(
+        [sse(event, event["type"]) for event in events(response, pieces)],
+        _SSE,
+        range(HEAD_EVENTS, HEAD_EVENTS + len(pieces)),
+    )
