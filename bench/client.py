@@ -1,10 +1,17 @@
-"""Load clients for the azproxy benchmark: closed-loop non-streamed chat, and bursts of concurrent streams.
+"""Python load clients of the bench: closed-loop non-streamed chat (optionally through a CONNECT tunnel), and
+bursts of concurrent streams with per-chunk lateness.
 
-Both are raw asyncio protocols (on uvloop when installed), so the client takes as little of the machine as
-it can. Each run prints one JSON object on stdout.
+Both are raw asyncio protocols on uvloop, so the client takes as little of the machine as it can. Each run
+prints one JSON object on stdout.
 
-    python bench/load.py plain URL --connections 64 --duration 10 -H 'Authorization: Bearer KEY'
-    python bench/load.py stream URL --streams 200 --chunks 50 --rounds 3 -H 'api-key: KEY'
+    python bench/client.py plain URL --connections 64 --duration 10 -H 'Authorization: Bearer KEY'
+    python bench/client.py plain https://api.openai.com/v1/chat/completions --proxy 127.0.0.1:8080 --ca ca.pem
+    python bench/client.py stream URL --streams 1000 --chunks 40 -H 'api-key: KEY'
+
+`--proxy` makes every connection go to the proxy, send `CONNECT host:443`, then speak TLS (trusting only
+`--ca`) to the URL's host inside the tunnel: the URL's host is never resolved or contacted.
+Stream chunks come from bench/upstream.py, whose content chunk i reads `w<i>@<ms>` (CLOCK_MONOTONIC when the mock
+wrote it): lateness is arrival minus that, and a chunk whose index is not the next expected one is reordered.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import asyncio
 import json
 import re
 import resource
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -30,7 +38,8 @@ MESSAGES = [
     {"role": "user", "content": "Write one sentence about proxies, please."},
 ]
 # A streamed event carries content when its delta has a non-empty "content" (the role chunk's is "").
-CONTENT_RE = re.compile(rb'"delta"\s*:\s*\{[^{}]*"content"\s*:\s*"[^"]')
+CONTENT_RE = re.compile(rb'"delta"\s*:\s*\{[^{}]*"content"\s*:\s*"([^"])')
+MOCK_CHUNK_RE = re.compile(rb'"content"\s*:\s*"w(\d+)@([\d.]+) ')
 
 HEAD, LENGTH, SIZE, DATA, CRLF, TRAILER, CLOSE = range(7)
 
@@ -53,7 +62,11 @@ def build_request(url: str, headers: Sequence[str], body: dict[str, Any]) -> tup
         f"Content-Length: {len(data)}",
         *headers,
     ]
-    return u.hostname or "127.0.0.1", u.port or 80, ("\r\n".join(lines) + "\r\n\r\n").encode() + data
+    return (
+        u.hostname or "127.0.0.1",
+        u.port or (443 if u.scheme == "https" else 80),
+        ("\r\n".join(lines) + "\r\n\r\n").encode() + data,
+    )
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -146,11 +159,22 @@ class HttpClient(asyncio.Protocol):
 # ---------------------------------------------------------------- non-streamed, closed loop
 
 
+class Tunnel:
+    """How to reach the URL's host through a proxy: CONNECT, then TLS trusting only the proxy's CA."""
+
+    def __init__(self, proxy: str, host: str, port: int, ca: str) -> None:
+        self.host, _, port_s = proxy.rpartition(":")
+        self.port = int(port_s)
+        self.connect = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+        self.server_hostname = host
+        self.ctx = ssl.create_default_context(cafile=ca)
+
+
 class PlainStats:
     """What the connections of one plain run share: the request, the deadline and the results."""
 
-    def __init__(self, request: bytes, deadline: float) -> None:
-        self.request, self.deadline = request, deadline
+    def __init__(self, request: bytes, deadline: float, tunnel: Tunnel | None = None) -> None:
+        self.request, self.deadline, self.tunnel = request, deadline, tunnel
         self.latencies_ms: list[float] = []
         self.errors: dict[str, int] = {}
 
@@ -167,7 +191,41 @@ class PlainConn(HttpClient):
         self.sent_at: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is not None:  # start_tls does not call it again, but be safe
+            return
         super().connection_made(transport)
+        if self.stats.tunnel is None:
+            self.send()
+        else:
+            self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.state = CLOSE  # until the CONNECT answer: see data_received
+            cast(asyncio.Transport, transport).write(self.stats.tunnel.connect)
+
+    def data_received(self, data: bytes) -> None:
+        if self.stats.tunnel is not None and not self.handshake.done():
+            self.buf += data
+            end = self.buf.find(b"\r\n\r\n")
+            if end >= 0:
+                ok = self.buf.split(b" ", 2)[1:2] == [b"200"]
+                self.buf, self.state = b"", HEAD
+                if ok:
+                    self.handshake.set_result(None)
+                else:
+                    self.handshake.set_exception(OSError(0, "CONNECT refused"))
+            return
+        super().data_received(data)
+
+    async def open_tunnel(self) -> None:
+        """After the CONNECT's 200: TLS inside the tunnel, then the first request."""
+        tunnel = self.stats.tunnel
+        assert tunnel is not None
+        assert self.transport is not None
+        await self.handshake
+        loop = asyncio.get_running_loop()
+        tls = await loop.start_tls(
+            self.transport, self, tunnel.ctx, server_hostname=tunnel.server_hostname, ssl_handshake_timeout=10
+        )
+        self.transport = cast(asyncio.Transport, tls)
         self.send()
 
     def send(self) -> None:
@@ -200,11 +258,15 @@ async def plain_worker(host: str, port: int, stats: PlainStats, grace: float) ->
     """Keeps one connection busy until the deadline (an answer may take `grace` s more), reconnecting after a
     failure."""
     loop = asyncio.get_running_loop()
+    if stats.tunnel is not None:
+        host, port = stats.tunnel.host, stats.tunnel.port
     while time.perf_counter() < stats.deadline:
         closed: asyncio.Future[None] = loop.create_future()
         try:
             transport, conn = await loop.create_connection(partial(PlainConn, stats, closed), host, port)
-        except OSError as e:
+            if stats.tunnel is not None:
+                await asyncio.wait_for(conn.open_tunnel(), 10)
+        except (OSError, ssl.SSLError) as e:
             stats.error(f"connect: {e.strerror or e}")
             await asyncio.sleep(0.05)
             continue
@@ -220,8 +282,9 @@ async def plain_worker(host: str, port: int, stats: PlainStats, grace: float) ->
 
 async def run_plain(args: argparse.Namespace) -> dict[str, Any]:
     host, port, request = build_request(args.url, args.header, chat_body(args.model, stream=False))
+    tunnel = Tunnel(args.proxy, host, port, args.ca) if args.proxy else None
     start = time.perf_counter()
-    stats = PlainStats(request, start + args.duration)
+    stats = PlainStats(request, start + args.duration, tunnel)
     await asyncio.gather(*(plain_worker(host, port, stats, args.timeout) for _ in range(args.connections)))
     wall = time.perf_counter() - start
     lat = stats.latencies_ms
@@ -248,6 +311,8 @@ class StreamConn(HttpClient):
         self.started = time.perf_counter()
         self.sse = b""
         self.chunks = 0
+        self.reordered = 0
+        self.late_ms: list[float] = []
         self.first_at: float | None = None
         self.done_at: float | None = None
         self.error: str | None = None
@@ -264,6 +329,13 @@ class StreamConn(HttpClient):
             event, self.sse = self.sse[:end], self.sse[end + 2 :]
             if event.startswith(b"data: [DONE]"):
                 self.done_at = time.perf_counter()
+            elif mock := MOCK_CHUNK_RE.search(event):
+                if int(mock.group(1)) != self.chunks:
+                    self.reordered += 1
+                self.late_ms.append(time.monotonic() * 1000 - float(mock.group(2)))
+                self.chunks += 1
+                if self.first_at is None:
+                    self.first_at = time.perf_counter()
             elif CONTENT_RE.search(event):
                 self.chunks += 1
                 if self.first_at is None:
@@ -336,12 +408,18 @@ async def run_stream(args: argparse.Namespace) -> dict[str, Any]:
         if c.error is not None:
             kinds[c.error] = kinds.get(c.error, 0) + 1
     received = sum(c.chunks for c in conns)
+    late = [x for c in conns for x in c.late_ms]
     return {
         "streams": len(conns),
         "errors": len(conns) - len(ok),
         "error_kinds": kinds,
         "chunks_received": received,
         "chunks_lost": sum(max(0, args.chunks - c.chunks) for c in conns),
+        "chunks_reordered": sum(c.reordered for c in conns),
+        "late_p50_ms": percentile(late, 50),
+        "late_p99_ms": percentile(late, 99),
+        "late_max_ms": percentile(late, 100),
+        "late_over_50ms": sum(1 for x in late if x > 50),
         "ttfc_p50_ms": percentile(ttfc, 50),
         "ttfc_p99_ms": percentile(ttfc, 99),
         "total_p50_ms": percentile(total, 50),
@@ -359,8 +437,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=30, help="seconds a request or round may overrun")
     ap.add_argument("--connections", type=int, default=64, help="plain: concurrent keep-alive connections")
     ap.add_argument("--duration", type=float, default=10, help="plain: seconds of load")
+    ap.add_argument(
+        "--proxy", help="plain: HOST:PORT of a proxy to CONNECT through (then TLS to the URL's host)"
+    )
+    ap.add_argument("--ca", help="plain, with --proxy: the CA file the TLS inside the tunnel must chain to")
     ap.add_argument("--streams", type=int, default=200, help="stream: concurrent streams per round")
-    ap.add_argument("--chunks", type=int, default=50, help="stream: content chunks each stream should carry")
+    ap.add_argument("--chunks", type=int, default=40, help="stream: content chunks each stream should carry")
     ap.add_argument("--rounds", type=int, default=1, help="stream: measured rounds, one after another")
     ap.add_argument("--warmup", type=int, default=0, help="stream: streams in one unmeasured round first")
     args = ap.parse_args()
