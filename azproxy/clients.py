@@ -2,7 +2,8 @@
 
 Keys come from `AZPROXY_API_KEYS` or a `[[client]]` table (in `AZPROXY_CLIENTS_FILE`, and later any TOML config),
 never as plain text in a file: an entry names an environment variable (`env:NAME`), a file (`file:/path`) or
-the key's SHA-256 (`sha256:HEX`). Only digests are kept in memory.
+the key's SHA-256 (`sha256:HEX`). Only digests are kept in memory. A key shorter than `MIN_KEY_LENGTH` is
+refused at start-up (a digest's key cannot be measured).
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+
+from .setting_values import ConfigError
+
+#: Characters a client key needs at least: short keys fall to guessing, however slow it is made.
+MIN_KEY_LENGTH: Final = 16
 
 
 class ClientConfigError(ValueError):
@@ -28,6 +34,8 @@ class Client:
     models: frozenset[str] | None = None
     rpm: int | None = None
     tpm: int | None = None
+    #: Sees every stored object (files, assistants, responses, ...), whoever created it: for operators.
+    shared_objects: bool = False
 
     def may_use(self, model: str | None) -> bool:
         return self.models is None or model is None or model in self.models
@@ -55,6 +63,9 @@ def find_client(clients: Iterable[Client], key: str) -> Client | None:
 def clients_from_keys(text: str) -> tuple[Client, ...]:
     """`AZPROXY_API_KEYS=k1,k2`: each key a client named by its short hash."""
     keys = [key.strip() for key in text.split(",") if key.strip()]
+    for key in keys:
+        if len(key) < MIN_KEY_LENGTH:
+            raise ConfigError(f"key key-{short_hash(key)} is {_too_short(key)}")
     return tuple(Client(f"key-{short_hash(key)}", digest(key)) for key in keys)
 
 
@@ -69,7 +80,7 @@ def clients_from_file(path: Path, environ: Mapping[str, str]) -> tuple[Client, .
 
 
 def clients_from_table(entries: Any, environ: Mapping[str, str], base: Path) -> tuple[Client, ...]:
-    """The `[[client]]` array of tables: name, key, optional models, rpm, tpm."""
+    """The `[[client]]` array of tables: name, key, optional models, rpm, tpm, shared_objects."""
     if not isinstance(entries, list):
         raise ClientConfigError("'client' must be an array of tables: [[client]]")
     clients = tuple(_client(index, entry, environ, base) for index, entry in enumerate(entries, 1))
@@ -84,7 +95,7 @@ def _client(index: int, entry: Any, environ: Mapping[str, str], base: Path) -> C
     where = f"client #{index}"
     if not isinstance(entry, dict):
         raise ClientConfigError(f"{where} is not a table")
-    unknown = set(entry) - {"name", "key", "models", "rpm", "tpm"}
+    unknown = set(entry) - {"name", "key", "models", "rpm", "tpm", "shared_objects"}
     if unknown:
         raise ClientConfigError(f"{where}: unknown fields {sorted(unknown)}")
     name = entry.get("name")
@@ -94,12 +105,16 @@ def _client(index: int, entry: Any, environ: Mapping[str, str], base: Path) -> C
     models = entry.get("models")
     if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
         raise ClientConfigError(f"{where}: 'models' must be a list of model names")
+    shared = entry.get("shared_objects", False)
+    if not isinstance(shared, bool):
+        raise ClientConfigError(f"{where}: 'shared_objects' must be true or false")
     return Client(
         name=name,
         key_digest=_key_digest(where, entry.get("key"), environ, base),
         models=frozenset(models) if models is not None else None,
         rpm=_limit(where, "rpm", entry.get("rpm")),
         tpm=_limit(where, "tpm", entry.get("tpm")),
+        shared_objects=shared,
     )
 
 
@@ -111,6 +126,10 @@ def _key_digest(where: str, source: Any, environ: Mapping[str, str], base: Path)
         key = environ.get(value, "").strip()
         if not key:
             raise ClientConfigError(f"{where}: environment variable {value!r} is not set")
+        if len(key) < MIN_KEY_LENGTH:
+            raise ClientConfigError(
+                f"{where}: the key in environment variable {value!r} is {_too_short(key)}"
+            )
         return digest(key)
     if kind == "file":
         try:
@@ -119,6 +138,8 @@ def _key_digest(where: str, source: Any, environ: Mapping[str, str], base: Path)
             raise ClientConfigError(f"{where}: cannot read key file {value!r}: {exc.strerror}") from None
         if not key:
             raise ClientConfigError(f"{where}: key file {value!r} is empty")
+        if len(key) < MIN_KEY_LENGTH:
+            raise ClientConfigError(f"{where}: the key in file {value!r} is {_too_short(key)}")
         return digest(key)
     if kind == "sha256":
         try:
@@ -131,6 +152,10 @@ def _key_digest(where: str, source: Any, environ: Mapping[str, str], base: Path)
     raise ClientConfigError(
         f"{where}: 'key' must be env:NAME, file:/path or sha256:HEX, never the key itself"
     )
+
+
+def _too_short(key: str) -> str:
+    return f"shorter than {MIN_KEY_LENGTH} characters ({len(key)}), the least a client key needs"
 
 
 def _limit(where: str, field: str, value: Any) -> int | None:

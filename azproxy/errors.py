@@ -76,6 +76,20 @@ class PayloadTooLarge(ProxyError):
     error_type = "invalid_request_error"
 
 
+class UnsupportedMediaType(ProxyError):
+    """415: a body in a format the operation does not take."""
+
+    status = 415
+    error_type = "invalid_request_error"
+
+
+class ServiceUnavailable(ProxyError):
+    """503: azproxy itself cannot serve this now (its own state, not the client's request)."""
+
+    status = 503
+    error_type = "server_error"
+
+
 class BadGateway(ProxyError):
     status = 502
     error_type = "upstream_error"

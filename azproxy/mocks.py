@@ -7,6 +7,7 @@ from typing import Final
 
 from aiohttp import web
 
+from .browser import preflight_headers
 from .errors import NotFound
 
 #: A fixed creation time: Azure's deployments have none that OpenAI clients could read.
@@ -45,19 +46,18 @@ def get_model(model_map: Mapping[str, str], model_id: str) -> web.Response:
 
 
 def preflight(request: web.Request) -> web.Response:
-    """CORS preflight for any path: allow what was asked for, plus what OpenAI clients always send."""
-    asked = request.headers.get("Access-Control-Request-Headers", "")
-    allowed = dict.fromkeys(
-        [*_BASE_ALLOWED_HEADERS, *(h.strip().lower() for h in asked.split(",") if h.strip())]
-    )
-    return web.Response(
-        status=204,
-        headers={
-            "Access-Control-Allow-Methods": _ALLOWED_METHODS,
-            "Access-Control-Allow-Headers": ", ".join(allowed),
-            "Access-Control-Max-Age": "86400",
-        },
-    )
+    """CORS preflight for any path, reached only by origins azproxy answers (the browser policy refused the
+    others): what OpenAI clients always send, plus the header names asked for (openai-*, x-stainless-*, ...),
+    and a page's way to a loopback or private address (Chrome's Private Network Access) when asked."""
+    allowed = dict.fromkeys([*_BASE_ALLOWED_HEADERS, *preflight_headers(request.headers)])
+    headers = {
+        "Access-Control-Allow-Methods": _ALLOWED_METHODS,
+        "Access-Control-Allow-Headers": ", ".join(allowed),
+        "Access-Control-Max-Age": "86400",
+    }
+    if request.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
+        headers["Access-Control-Allow-Private-Network"] = "true"
+    return web.Response(status=204, headers=headers)
 
 
 def health() -> web.Response:

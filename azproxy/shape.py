@@ -3,14 +3,17 @@
 Azure adds `prompt_filter_results` and per-choice `content_filter_results`/`content_filter_offsets`, opens chat
 streams with a chunk that has no choices, and names its own model (`gpt-35-turbo`) where OpenAI echoes the one
 asked for. Used only when `AZPROXY_RESPONSE_SHAPE=openai`; streams are rewritten event by event, never buffered
-beyond the event still arriving.
+beyond the event still arriving, and that only up to `EventReshaper.MAX_PENDING` bytes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any, Final
+
+log = logging.getLogger(__name__)
 
 #: An event ends at an empty line; lines end with LF or CRLF.
 _EVENT_END: Final = re.compile(rb"\n\r?\n")
@@ -20,35 +23,62 @@ _CHOICE_FILTERS: Final = ("content_filter_results", "content_filter_offsets")
 _TOP_FILTERS: Final = ("prompt_filter_results", "content_filter_results")
 
 
+#: Names the model that served a reshaped plain answer, where `model` now reports the one asked for
+#: (model-router picks one per request). Streams cannot carry it: their head goes out before the first event.
+SERVED_MODEL_HEADER: Final = "x-azproxy-served-model"
+
+
 def reshape_json(body: bytes, client_model: str | None) -> bytes:
     """A plain (non-streamed) answer in OpenAI's shape.
 
     Non-JSON or non-object bodies, and bodies with nothing to change, come back unchanged (same bytes).
     """
+    return reshape_answer(body, client_model)[0]
+
+
+def reshape_answer(body: bytes, client_model: str | None) -> tuple[bytes, str | None]:
+    """`reshape_json`, and the model the answer named where `client_model` replaced it (else None)."""
     if not _worth_parsing(body, 0, len(body)):
-        return body
+        return body, None
     document = _parse(body)
+    served = document.get("model") if document is not None else None
     if document is None or not _reshape(document, client_model):
-        return body
-    return _dumps(document)
+        return body, None
+    replaced = isinstance(served, str) and served != document.get("model")
+    return _dumps(document), served if replaced else None
 
 
 class EventReshaper:
-    """Rewrites an SSE stream event by event, as chunks arrive."""
+    """Rewrites an SSE stream event by event, as chunks arrive.
+
+    An event still arriving is held up to `MAX_PENDING` bytes; a larger one goes out unchanged as it arrives
+    (no real event is that large, so only a broken or hostile backend pays), and the next one is rewritten again.
+    """
+
+    MAX_PENDING: Final = 1024 * 1024
 
     def __init__(self, client_model: str | None) -> None:
         self._model = client_model
         self._pending = bytearray()
         #: Where the search for the next event end resumes: bytes before it hold no end.
         self._scan = 0
+        #: The event arriving outgrew MAX_PENDING: it is passed on unchanged up to its end.
+        self._passing = False
 
     def feed(self, chunk: bytes) -> bytes:
         """The rewritten form of every event completed by this chunk (b"" when none is complete yet)."""
         pending = self._pending
         pending += chunk
-        out: list[bytes | bytearray] = []
-        start = copied = 0
-        for end in _EVENT_END.finditer(pending, self._scan):
+        start = 0
+        if self._passing:
+            first_end = _EVENT_END.search(pending, self._scan)
+            if first_end is None:
+                return self._pass_on()
+            start = first_end.end()
+            self._passing = False
+        out: list[bytes | bytearray] = [pending[:start]]
+        copied = start
+        for end in _EVENT_END.finditer(pending, max(self._scan, start)):
             if _worth_parsing(pending, start, end.start()):
                 rewritten = self._rewrite(bytes(pending[start : end.start()]))
                 if rewritten is not None:
@@ -60,6 +90,10 @@ class EventReshaper:
         del pending[:start]
         # An event end is at most 3 bytes long: only its first 2 can already be waiting here.
         self._scan = max(0, len(pending) - 2)
+        if len(pending) > self.MAX_PENDING:
+            log.warning("a stream event is larger than %d bytes; relayed unchanged", self.MAX_PENDING)
+            self._passing = True
+            out.append(self._pass_on())
         return b"".join(out)
 
     def finish(self) -> bytes:
@@ -67,8 +101,17 @@ class EventReshaper:
         rest = bytes(self._pending)
         self._pending.clear()
         self._scan = 0
-        rewritten = self._rewrite(rest) if _worth_parsing(rest, 0, len(rest)) else None
+        passing, self._passing = self._passing, False
+        rewritten = self._rewrite(rest) if not passing and _worth_parsing(rest, 0, len(rest)) else None
         return rest if rewritten is None else rewritten
+
+    def _pass_on(self) -> bytes:
+        """All of an oversized event that has arrived but its last 2 bytes (they may begin the event's end)."""
+        cut = max(0, len(self._pending) - 2)
+        passed = bytes(self._pending[:cut])
+        del self._pending[:cut]
+        self._scan = 0
+        return passed
 
     def _rewrite(self, event: bytes) -> bytes | None:
         """One event without its ending: None when unchanged, b"" when dropped, else the rewritten event."""

@@ -21,8 +21,8 @@ from azproxy.edge.certs import (
     CA_KEY_FILE,
     CertificateAuthority,
     CertificateError,
-    check_state_dir,
 )
+from azproxy.state_dir import StateDirError, check_state_dir
 
 HOST = "api.openai.com"
 PROCESSES = 8
@@ -126,7 +126,7 @@ def test_state_dir_writable_by_others_is_tightened_with_a_warning(
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     state_dir.chmod(mode)
-    with caplog.at_level(logging.WARNING, logger="azproxy.edge.certs"):
+    with caplog.at_level(logging.WARNING, logger="azproxy.state_dir"):
         CertificateAuthority(state_dir, [HOST])
     assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
@@ -135,7 +135,7 @@ def test_state_dir_writable_by_others_is_tightened_with_a_warning(
 
 def test_shared_sticky_directory_is_refused_not_changed(tmp_path: Path) -> None:
     tmp_path.chmod(0o1777)
-    with pytest.raises(CertificateError, match="AZPROXY_STATE_DIR"):
+    with pytest.raises(StateDirError, match="AZPROXY_STATE_DIR"):
         check_state_dir(tmp_path)
     assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o1777
 

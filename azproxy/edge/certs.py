@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import fcntl
 import ipaddress
 import logging
 import os
 import ssl
-import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,6 +23,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from azproxy.state_dir import StateDirError, check_state_dir
 
 CA_CERT_FILE: Final = "ca.pem"
 CA_KEY_FILE: Final = "ca-key.pem"
@@ -41,35 +41,6 @@ class CertificateError(RuntimeError):
     """The CA on disk cannot serve the configured hosts, or cannot be read."""
 
 
-def check_state_dir(path: Path) -> None:
-    """Make `path` a private directory azproxy can write, or raise CertificateError saying why it cannot.
-
-    Cheap enough to call at start-up, so a bad AZPROXY_STATE_DIR shows before the first intercepted tunnel."""
-    try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _make_private(path)
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, "not writable by this user")
-    except OSError as error:
-        cause = "a file that is not a directory is in the way" if isinstance(error, FileExistsError) else None
-        raise CertificateError(
-            f"azproxy cannot use {path} as its state directory ({cause or error.strerror or error}); "
-            "set AZPROXY_STATE_DIR to a directory it may create and write."
-        ) from error
-
-
-def _make_private(path: Path) -> None:
-    """Whoever can write the state directory can swap the CA key for their own, so only its owner may."""
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if not mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return
-    if mode & stat.S_ISVTX:
-        # A sticky directory such as /tmp is shared by design; making it 0700 would break everyone else.
-        raise PermissionError(errno.EPERM, "a shared directory writable by others")
-    path.chmod(0o700)
-    log.warning("State directory %s was writable by others (mode %o); changed it to 0700", path, mode)
-
-
 class CertificateAuthority:
     """Loads or creates the CA in `state_dir`; hands out one cached server-side SSLContext per host.
 
@@ -80,7 +51,10 @@ class CertificateAuthority:
         self.hosts = tuple(hosts)
         self.cert_path = state_dir / CA_CERT_FILE
         self._key_path = state_dir / CA_KEY_FILE
-        check_state_dir(state_dir)
+        try:
+            check_state_dir(state_dir)
+        except StateDirError as error:
+            raise CertificateError(str(error)) from error
         with _locked(state_dir / _LOCK_FILE):
             # Decided only under the lock: a process that waited here loads the CA the first one made.
             self.created = not (self.cert_path.is_file() and self._key_path.is_file())
