@@ -1,8 +1,7 @@
 """Upstream backends: where a translated request can go, with the credential and model map it needs there.
 
-Plain data plus a credential; the pool of connections lives in `upstream`. Today settings yield one backend;
-the list shape is what lets several backends per model, failover and cooldown plug in without touching the
-translator.
+Plain data plus a credential; the pool of connections lives in `upstream`, the choice between backends in
+`routing`. Settings yield one backend from the environment's endpoint, or one per `[[backend]]` table.
 """
 
 from __future__ import annotations
@@ -13,8 +12,9 @@ from types import MappingProxyType
 
 from yarl import URL
 
+from .backend_config import BackendSpec
 from .config import ApiStyle, AuthMode, Mode, Settings
-from .credentials import ApiKey, Credential, default_entra_token
+from .credentials import ApiKey, Credential, EntraToken, default_entra_token
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,14 +28,35 @@ class Backend:
     credential: Credential | None = None
     style: ApiStyle = ApiStyle.DEPLOYMENTS
     version_overrides: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: Its share of requests among the backends of its priority.
+    weight: int = 1
+    #: 0 is served first; a higher number is a fallback tier, used while every lower one is out.
+    priority: int = 0
+    #: Models a `[[model]]` table gives to other backends only.
+    excludes: frozenset[str] = frozenset()
+    #: Seconds; None: the global timeouts.
+    connect_timeout: float | None = None
+    first_byte_timeout: float | None = None
+    idle_timeout: float | None = None
 
     @property
     def origin(self) -> str:
         """The base URL as a string without trailing slash, ready to have a path appended."""
         return str(self.base_url).rstrip("/")
 
+    @property
+    def host(self) -> str:
+        """How logs name where it is (never with credentials)."""
+        return self.base_url.host or self.origin
+
+    def serves(self, model: str | None) -> bool:
+        return model is None or model not in self.excludes
+
 
 def backends_from(settings: Settings, credential: Credential | None = None) -> tuple[Backend, ...]:
+    """`credential` replaces the one the settings name (for file backends: those signing in with Entra ID)."""
+    if settings.backends:
+        return tuple(_from_spec(settings, spec, credential) for spec in settings.backends)
     if settings.mode is Mode.OPENAI:
         name, base_url = "openai", settings.openai_base_url
     elif settings.azure_endpoint is None:
@@ -54,6 +75,46 @@ def backends_from(settings: Settings, credential: Credential | None = None) -> t
             settings.version_overrides,
         ),
     )
+
+
+def _from_spec(settings: Settings, spec: BackendSpec, credential: Credential | None) -> Backend:
+    """A `[[backend]]` table over the global settings: its `[[model]]` deployments on top of the mapper."""
+    own = {
+        model.name: model.deployments[spec.name]
+        for model in settings.models
+        if spec.name in model.deployments
+    }
+    excludes = frozenset(model.name for model in settings.models if spec.name not in model.deployments)
+    return Backend(
+        spec.name,
+        spec.kind,
+        spec.url,
+        spec.api_version or settings.api_version,
+        MappingProxyType(dict(settings.model_map) | own),
+        _spec_credential(spec, credential),
+        spec.style or settings.api_style,
+        spec.version_overrides if spec.version_overrides is not None else settings.version_overrides,
+        weight=spec.weight,
+        priority=spec.priority,
+        excludes=excludes,
+        connect_timeout=spec.connect_timeout,
+        first_byte_timeout=spec.first_byte_timeout,
+        idle_timeout=spec.idle_timeout,
+    )
+
+
+def _spec_credential(spec: BackendSpec, credential: Credential | None) -> Credential | None:
+    if spec.auth is AuthMode.ENTRA:
+        if credential is not None:
+            return credential
+        if spec.entra_scope is None:
+            return default_entra_token()
+        from azure.identity.aio import DefaultAzureCredential
+
+        return EntraToken(DefaultAzureCredential(), scope=spec.entra_scope)
+    if spec.api_key is not None:
+        return ApiKey(spec.api_key, as_bearer=spec.kind is Mode.OPENAI)
+    return None
 
 
 def _credential(settings: Settings) -> Credential | None:

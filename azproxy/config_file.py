@@ -1,5 +1,6 @@
-"""The TOML config file (`AZPROXY_CONFIG`): each setting under its key from the settings table, plus `[[client]]`
-tables. Values become the same text the environment would carry, so one set of parsers reads both.
+"""The TOML config file (`AZPROXY_CONFIG`): each setting under its key from the settings table, plus
+`[[client]]`, `[[backend]]` and `[[model]]` tables. Values become the same text the environment would carry,
+so one set of parsers reads both.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from .backend_config import BackendSpec, ModelSpec, parse_tables
 from .clients import Client, ClientConfigError, clients_from_table
 from .setting_values import ConfigError
 from .settings_table import BY_KEY, FILE_TABLES, Setting
@@ -38,6 +40,8 @@ class ConfigFile:
     #: By variable name.
     texts: Mapping[str, SettingText] = field(default_factory=dict)
     clients: tuple[Client, ...] = ()
+    backends: tuple[BackendSpec, ...] = ()
+    models: tuple[ModelSpec, ...] = ()
 
 
 def read_config_file(path: Path, environ: Mapping[str, str]) -> ConfigFile:
@@ -59,11 +63,19 @@ def read_config_file(path: Path, environ: Mapping[str, str]) -> ConfigFile:
                 clients = clients_from_table(entries, environ, base=path.parent)
             except ClientConfigError as exc:
                 raise ConfigError(f"{path}: [[client]]: {exc}") from None
+        elif table in ("backend", "model"):
+            continue  # read together below: a model names backends
         elif table in FILE_TABLES and isinstance(entries, dict):
             texts |= _table_texts(table, entries, places, environ, path.parent)
         else:
             raise ConfigError(f"{places.table(table)}: {_not_a_table(table)}")
-    return ConfigFile(texts, clients)
+    backends, models = parse_tables(
+        document.get("backend"),
+        document.get("model"),
+        path,
+        lambda reference, origin: _secret(reference, origin, environ, path.parent),
+    )
+    return ConfigFile(texts, clients, backends, models)
 
 
 def _table_texts(
@@ -86,7 +98,7 @@ def _not_a_table(name: str) -> str:
     if homes:
         return f"settings go in their table: [{homes[0]}"
     tables = ", ".join(f"[{table}]" for table in FILE_TABLES)
-    return f"not a settings table (known: {tables}, [[client]])"
+    return f"not a settings table (known: {tables}, [[client]], [[backend]], [[model]])"
 
 
 def _text(row: Setting, value: Any, origin: str, environ: Mapping[str, str], base: Path) -> str:
