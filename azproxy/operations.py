@@ -23,6 +23,9 @@ class ModelIn(Enum):
     JSON = "json"  # the JSON body's top-level `model`
     FORM = "form"  # a multipart form field `model`
     QUERY = "query"  # the `model` query parameter (realtime)
+    SESSION = (
+        "session"  # the JSON body's `session.model`, else its top-level `model` (realtime client secrets)
+    )
     NOWHERE = "nowhere"
 
 
@@ -54,6 +57,8 @@ class Operation:
     streams_usage: bool = False
     need: VersionNeed | None = None
     websocket: bool = False
+    #: Azure serves it only on its v1 API (`/openai/v1/...`), whichever URL style the backend uses.
+    v1_only: bool = False
 
     @property
     def requires_model(self) -> bool:
@@ -75,11 +80,14 @@ _OPERATIONS: Final = (
     Operation(
         "realtime", Scope.DEPLOYMENT, ModelIn.QUERY, need=VersionNeed("2024-10-01", True), websocket=True
     ),
+    # WebRTC's two HTTP steps; the media then flows between the client and Azure, never through a proxy.
+    Operation("realtime/client_secrets", Scope.RESOURCE, ModelIn.SESSION, v1_only=True),
+    Operation("realtime/calls", Scope.RESOURCE, ModelIn.QUERY, v1_only=True),
     Operation("files", Scope.RESOURCE, ModelIn.NOWHERE),
     Operation(
         "batches", Scope.RESOURCE, ModelIn.NOWHERE, need=VersionNeed("2024-07-01", fallback="2024-10-21")
     ),
-    Operation("fine_tuning", Scope.RESOURCE, ModelIn.NOWHERE, names_base_model=True),
+    Operation("fine_tuning", Scope.RESOURCE, ModelIn.JSON, names_base_model=True),
     Operation("models", Scope.RESOURCE, ModelIn.NOWHERE),
     Operation("assistants", Scope.RESOURCE, ModelIn.JSON, model_is_deployment=True, need=_PREVIEW_ASSISTANTS),
     Operation("threads", Scope.RESOURCE, ModelIn.JSON, model_is_deployment=True, need=_PREVIEW_ASSISTANTS),

@@ -7,14 +7,16 @@ upgrades the client, relays TEXT and BINARY frames both ways in order, and carri
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 from typing import Final
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 from yarl import URL
 
-from .errors import error_response
+from . import bodies
+from .errors import ProxyError, error_response
 from .headers import KEY_SUBPROTOCOL
 
 #: Realtime frames carry base64 audio; 16 MiB holds any event OpenAI documents with room to spare.
@@ -33,13 +35,29 @@ _SENDABLE: Final = frozenset(WSCloseCode) - {WSCloseCode.ABNORMAL_CLOSURE}
 Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
+#: Rewrites a client's text frame on its way upstream (Responses' `response.create` names its model).
+FrameRewrite = Callable[[str], str]
+
+
+class RefusedFrame(Exception):
+    """Raised by a FrameRewrite for a frame that must not go on: `answer` goes back to the sender instead."""
+
+    def __init__(self, answer: str) -> None:
+        super().__init__(answer)
+        self.answer = answer
+
+
 async def bridge(
     request: web.Request,
     session: aiohttp.ClientSession,
     upstream_url: URL,
     upstream_headers: Mapping[str, str],
+    *,
+    client_frames: FrameRewrite | None = None,
 ) -> web.StreamResponse:
-    """Connect upstream first, so a refusal still reaches the client as an HTTP error; then upgrade and relay."""
+    """Connect upstream first, so a refusal still reaches the client as an HTTP error; then upgrade and relay.
+
+    `client_frames` rewrites each text frame the client sends; every other frame crosses byte for byte."""
     protocols = _answerable(request)
     if protocols is None:
         message = f"Offer the '{SUBPROTOCOL}' WebSocket subprotocol next to the key."
@@ -75,7 +93,7 @@ async def bridge(
         )
     try:
         await client.prepare(request)
-        await _relay(client, upstream)
+        await _relay(client, upstream, client_frames)
     finally:
         await upstream.close(code=WSCloseCode.GOING_AWAY)
     return client
@@ -110,13 +128,20 @@ def _refused(exc: aiohttp.WSServerHandshakeError) -> web.Response:
     return error_response(502, message, "upstream_error", "upstream_bad_handshake")
 
 
-async def _relay(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
+async def _relay(
+    client: web.WebSocketResponse,
+    upstream: aiohttp.ClientWebSocketResponse,
+    client_frames: FrameRewrite | None = None,
+) -> None:
     """Pump both ways until either side closes, then close the other with the same code when it may be sent.
 
     Closing a socket ends the pump reading it (aiohttp wakes a pending receive); whatever the other pump still
     holds had nowhere left to go, so cancelling it loses nothing.
     """
-    pumps = (asyncio.create_task(_pump(client, upstream)), asyncio.create_task(_pump(upstream, client)))
+    pumps = (
+        asyncio.create_task(_pump(client, upstream, client_frames)),
+        asyncio.create_task(_pump(upstream, client)),
+    )
     try:
         await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -129,11 +154,14 @@ async def _relay(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocke
             await asyncio.gather(*pumps, return_exceptions=True)
 
 
-async def _pump(source: Socket, sink: Socket) -> None:
+async def _pump(source: Socket, sink: Socket, rewrite: FrameRewrite | None = None) -> None:
     """One direction, one frame at a time: awaiting each send is the back-pressure."""
     async for message in source:
         if message.type is WSMsgType.TEXT:
-            await sink.send_str(message.data)
+            try:
+                await sink.send_str(rewrite(message.data) if rewrite is not None else message.data)
+            except RefusedFrame as refused:
+                await source.send_str(refused.answer)
         elif message.type is WSMsgType.BINARY:
             await sink.send_bytes(message.data)
         elif message.type is WSMsgType.ERROR:
@@ -147,3 +175,38 @@ async def _close(socket: Socket, code: int | None, fallback: WSCloseCode) -> Non
     elif code is None or not (code in _SENDABLE or 3000 <= code <= 4999):
         code = fallback
     await socket.close(code=code)
+
+
+def response_create_frames(deployment_of: Callable[[str], str]) -> FrameRewrite:
+    """For the Responses API over WebSocket: each `response.create` event's `model` (top level, or in a nested
+    `response` object) becomes the deployment `deployment_of` maps it to; every other frame, and every other
+    byte of those, as sent. A frame that is no such event passes unchanged (Azure answers it with its own error
+    event); one whose model `deployment_of` refuses (not allowed, not a deployment name) never reaches Azure:
+    the client gets an `error` event in Azure's shape instead."""
+
+    def rewrite(frame: str) -> str:
+        if '"response.create"' not in frame:
+            return frame
+        try:
+            event = json.loads(frame)
+        except (ValueError, RecursionError):
+            return frame
+        if not isinstance(event, dict) or event.get("type") != "response.create":
+            return frame
+        nested = event.get("response")
+        model = event.get("model")
+        try:
+            if isinstance(model, str):
+                frame = bodies.replace_json_model(frame.encode(), deployment_of(model)).decode()
+            if isinstance(nested, dict) and isinstance(nested.get("model"), str):
+                deployment = deployment_of(nested["model"])
+                frame = bodies.replace_nested_model(frame.encode(), "response", deployment).decode()
+        except ProxyError as refused:
+            error = {"type": refused.error_type, "code": refused.code, "message": refused.message}
+            error["param"] = refused.param
+            raise RefusedFrame(
+                json.dumps({"type": "error", "status": refused.status, "error": error})
+            ) from None
+        return frame
+
+    return rewrite

@@ -22,13 +22,15 @@ from . import bodies
 from .access import client_key
 from .backends import Backend
 from .config import ApiStyle, Mode
-from .errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized
+from .errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized, UnsupportedMediaType
 from .headers import CLIENT_CREDENTIALS, HOP_BY_HOP, NOT_FOR_AZURE, copy_headers
 from .operations import ModelIn, Operation, Scope, find_operation, operation_path
 
 #: Azure deployment names are letters, digits, `.`, `_`, `-`; OpenAI fine-tune ids add `:`. Nothing that can
 #: leave the path segment (`/`, `?`, `#`, `%`, `..`, controls) gets through.
 _DEPLOYMENT_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,255}")
+#: Ephemeral keys from `realtime/client_secrets`, which a WebRTC client presents to `realtime/calls`.
+EPHEMERAL_PREFIX: Final = "ek_"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,8 @@ class IncomingRequest:
     query: MultiMapping[str]
     headers: CIMultiDictProxy[str]
     body: bytes
+    #: azproxy's id for the request, sent to Azure as `x-ms-client-request-id` so both logs name it alike.
+    request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,7 @@ def _model_and_document(
     if operation.model_in is ModelIn.JSON:
         if not required and (incoming.method != "POST" or not incoming.body):
             return None, None  # reads, deletes and body-less actions (cancel) name no model
+        _check_json_content_type(incoming.headers)
         document = bodies.json_document(incoming.body)
         return bodies.model_in(document, required=required), document
     if operation.model_in is ModelIn.FORM:
@@ -109,10 +114,40 @@ def _model_and_document(
         return field.value, None
     if operation.model_in is ModelIn.QUERY:
         model = incoming.query.get("model")
-        if not model:
+        if not model and required:
             raise BadRequest("You must provide a model query parameter.", param="model", code="missing_model")
-        return model, None
+        return model or None, None
+    if operation.model_in is ModelIn.SESSION:
+        _check_json_content_type(incoming.headers)
+        document = bodies.json_document(incoming.body)
+        session = document.get("session")
+        if isinstance(session, dict) and "model" in session:
+            return bodies.model_in(session, required=False), document
+        return bodies.model_in(document, required=False), document
     return None, None
+
+
+def responses_socket(operation: Operation, incoming: IncomingRequest) -> bool:
+    """The Responses API over WebSocket: `GET /v1/responses` asking for an upgrade."""
+    return (
+        operation.name == "responses"
+        and incoming.method == "GET"
+        and operation_path(incoming.path) == "responses"
+        and incoming.headers.get("Upgrade", "").lower() == "websocket"
+    )
+
+
+def _check_json_content_type(headers: CIMultiDictProxy[str]) -> None:
+    """JSON, or no Content-Type at all: a page's `text/plain`, form or multipart POST needs no CORS preflight,
+    so it must never be read as JSON and sent on."""
+    content_type = headers.get("Content-Type")
+    if content_type is None or content_type.partition(";")[0].strip().lower() == "application/json":
+        return
+    raise UnsupportedMediaType(
+        "This operation takes a JSON body: send 'Content-Type: application/json'.",
+        param="Content-Type",
+        code="unsupported_media_type",
+    )
 
 
 def _stream_options_for_usage(operation: Operation, document: dict[str, Any] | None) -> str | None:
@@ -146,12 +181,20 @@ def to_upstream(
         credential = {"api-key": plan.client_key}
     deployment = deployment_for(plan.model, backend) if plan.model is not None else None
     headers = copy_headers(incoming.headers, NOT_FOR_AZURE)
-    if operation.websocket:  # the bridge makes its own handshake; the client's may carry its key
+    socket = operation.websocket or responses_socket(operation, incoming)
+    if socket:  # the bridge makes its own handshake; the client's may carry its key
         headers = CIMultiDict(
             (k, v) for k, v in headers.items() if not k.lower().startswith("sec-websocket-")
         )
+    if operation.name == "realtime/calls" and credential.get("api-key", "").startswith(EPHEMERAL_PREFIX):
+        credential = {"Authorization": f"Bearer {credential['api-key']}"}  # Azure reads ek_ keys as bearers
     headers.update(credential)
-    if backend.style is ApiStyle.V1:
+    if incoming.request_id is not None:
+        headers["x-ms-client-request-id"] = incoming.request_id
+    if socket and not operation.websocket:
+        url = v1_url(backend, operation, incoming, None)
+        rewrite = False  # each `response.create` frame names its model: the bridge maps those
+    elif backend.style is ApiStyle.V1 or operation.v1_only:
         url = v1_url(backend, operation, incoming, deployment)
         rewrite = operation.model_in is not ModelIn.QUERY and not operation.names_base_model
     else:
@@ -222,7 +265,7 @@ def classic_url(
 def v1_url(backend: Backend, operation: Operation, incoming: IncomingRequest, deployment: str | None) -> URL:
     """`{endpoint}/openai/v1/{path}`: no deployment in the path, api-version only if the client sent one."""
     url = URL(backend.origin + "/openai/v1/" + resource_path(incoming), encoded=True)
-    if not operation.websocket:
+    if operation.model_in is not ModelIn.QUERY or (not operation.websocket and deployment is None):
         return url.with_query(incoming.query)
     params = MultiDict(incoming.query)
     params["model"] = deployment or ""
@@ -249,6 +292,10 @@ def _with_deployment(
     if operation.model_in is ModelIn.FORM:
         field = bodies.form_field(incoming.body, incoming.headers.get("Content-Type", ""), "model")
         return bodies.replace_span(incoming.body, field, deployment) if field else incoming.body
+    if operation.model_in is ModelIn.SESSION:  # `session.model`, else the top-level one (as it was read)
+        nested = bodies.replace_nested_model(incoming.body, "session", deployment)
+        if nested != incoming.body:
+            return nested
     return bodies.replace_json_model(incoming.body, deployment)
 
 

@@ -18,7 +18,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from azproxy.emulator import Emulator
-from azproxy.realtime import bridge
+from azproxy.realtime import bridge, response_create_frames
 
 from .conftest import AZURE_KEY
 
@@ -291,3 +291,13 @@ async def test_a_round_trip_through_the_emulator(
         "conversation.item.create",
         "response.create",
     ]
+
+
+def test_response_create_frames_name_the_deployment_and_keep_every_other_byte() -> None:
+    rewrite = response_create_frames({"my-model": "prod-4o"}.__getitem__)
+    create = '{"type": "response.create",  "model": "my-model", "input": "hi"}'
+    assert rewrite(create) == create.replace('"my-model"', '"prod-4o"')
+    nested = '{"type": "response.create", "response": {"model": "my-model", "input": []}}'
+    assert rewrite(nested) == nested.replace('"my-model"', '"prod-4o"')
+    for unchanged in ('{"type": "response.cancel", "model": "my-model"}', "not json", '{"type": "x"}'):
+        assert rewrite(unchanged) == unchanged
