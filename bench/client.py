@@ -8,6 +8,8 @@ prints one JSON object on stdout.
     python bench/client.py plain https://api.openai.com/v1/chat/completions --proxy 127.0.0.1:8080 --ca ca.pem
     python bench/client.py stream URL --streams 1000 --chunks 40 -H 'api-key: KEY'
 
+`plain --group-by HEADER` (repeatable) also counts the 200s, and takes their latency percentiles, per value of
+that response header (e.g. `x-azproxy-backend`, `x-azproxy-attempts`), each header on its own.
 `--proxy` makes every connection go to the proxy, send `CONNECT host:443`, then speak TLS (trusting only
 `--ca`) to the URL's host inside the tunnel: the URL's host is never resolved or contacted.
 Stream chunks come from bench/upstream.py, whose content chunk i reads `w<i>@<ms>` (CLOCK_MONOTONIC when the mock
@@ -87,6 +89,7 @@ class HttpClient(asyncio.Protocol):
         self.state = HEAD
         self.left = 0
         self.status = 0
+        self.headers: dict[bytes, bytes] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
@@ -138,6 +141,7 @@ class HttpClient(asyncio.Protocol):
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             headers[name.strip().lower()] = value.strip().lower()
+        self.headers = headers
         if b"chunked" in headers.get(b"transfer-encoding", b""):
             self.state = SIZE
         elif b"content-length" in headers:
@@ -173,10 +177,15 @@ class Tunnel:
 class PlainStats:
     """What the connections of one plain run share: the request, the deadline and the results."""
 
-    def __init__(self, request: bytes, deadline: float, tunnel: Tunnel | None = None) -> None:
+    def __init__(
+        self, request: bytes, deadline: float, tunnel: Tunnel | None = None, group_by: Sequence[str] = ()
+    ) -> None:
         self.request, self.deadline, self.tunnel = request, deadline, tunnel
         self.latencies_ms: list[float] = []
         self.errors: dict[str, int] = {}
+        #: header -> its value (`-` when absent) -> latencies of the 200s carrying it
+        self.groups: dict[str, dict[str, list[float]]] = {h.lower(): {} for h in group_by}
+        self.group_by = [h.encode() for h in self.groups]
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -238,7 +247,10 @@ class PlainConn(HttpClient):
         assert self.transport is not None
         now = time.perf_counter()
         if self.status == 200:
-            self.stats.latencies_ms.append((now - self.sent_at) * 1000)
+            ms = (now - self.sent_at) * 1000
+            self.stats.latencies_ms.append(ms)
+            for name, by in zip(self.stats.group_by, self.stats.groups.values(), strict=True):
+                by.setdefault(self.headers.get(name, b"-").decode(), []).append(ms)
         else:
             self.stats.error(f"HTTP {self.status}")
         self.sent_at = None
@@ -284,7 +296,7 @@ async def run_plain(args: argparse.Namespace) -> dict[str, Any]:
     host, port, request = build_request(args.url, args.header, chat_body(args.model, stream=False))
     tunnel = Tunnel(args.proxy, host, port, args.ca) if args.proxy else None
     start = time.perf_counter()
-    stats = PlainStats(request, start + args.duration, tunnel)
+    stats = PlainStats(request, start + args.duration, tunnel, args.group_by)
     await asyncio.gather(*(plain_worker(host, port, stats, args.timeout) for _ in range(args.connections)))
     wall = time.perf_counter() - start
     lat = stats.latencies_ms
@@ -295,6 +307,14 @@ async def run_plain(args: argparse.Namespace) -> dict[str, Any]:
         "p99_ms": percentile(lat, 99),
         "errors": sum(stats.errors.values()),
         "error_kinds": stats.errors,
+        **({"groups": {h: groups(by) for h, by in stats.groups.items()}} if args.group_by else {}),
+    }
+
+
+def groups(by: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    return {
+        value: {"requests": len(lat), "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99)}
+        for value, lat in sorted(by.items())
     }
 
 
@@ -437,6 +457,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=30, help="seconds a request or round may overrun")
     ap.add_argument("--connections", type=int, default=64, help="plain: concurrent keep-alive connections")
     ap.add_argument("--duration", type=float, default=10, help="plain: seconds of load")
+    ap.add_argument(
+        "--group-by",
+        action="append",
+        default=[],
+        help="plain: count answers and their latency per value of this response header (repeatable)",
+    )
     ap.add_argument(
         "--proxy", help="plain: HOST:PORT of a proxy to CONNECT through (then TLS to the URL's host)"
     )

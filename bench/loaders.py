@@ -79,12 +79,20 @@ class Wrk:
 
 
 def python_plain(
-    url: str, header: str, connections: int, seconds: float, proxy: str | None = None, ca: Path | None = None
+    url: str,
+    header: str,
+    connections: int,
+    seconds: float,
+    proxy: str | None = None,
+    ca: Path | None = None,
+    group_by: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """The same closed loop with bench/client.py; with `proxy`, through a CONNECT tunnel and TLS."""
+    """The same closed loop with bench/client.py; with `proxy`, through a CONNECT tunnel and TLS; with
+    `group_by`, answers counted and timed per value of those response headers."""
     argv = [*CLIENT, "plain", url, "-H", header, f"--connections={connections}", f"--duration={seconds}"]
     if proxy:
         argv += [f"--proxy={proxy}", f"--ca={ca}"]
+    argv += [f"--group-by={h}" for h in group_by]
     return {**run_json(argv, seconds + 90), "loadgen": "client.py"}
 
 

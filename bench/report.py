@@ -203,6 +203,61 @@ def tunnel_lines(res: Row) -> list[str]:
     return table(head, rows)
 
 
+def failover_lines(res: Row) -> list[str]:
+    head = [
+        "target",
+        "conns",
+        "req/s",
+        "errors",
+        "served by steady",
+        "served by flaky",
+        "failovers",
+        "p50 first ms",
+        "p50 failover ms",
+        "+p50 ms",
+        "p99 first ms",
+        "p99 failover ms",
+        "+p99 ms",
+        "flaky 429s (mock)",
+        "CPU µs/req",
+    ]
+    rows = []
+    for name, r in res.items():
+        skip = not_run(name, r, len(head))
+        if skip:
+            rows.append(skip)
+            continue
+        for run in (v for v in r.values() if isinstance(v, dict) and "served" in v):
+            share = run["served_pct"]
+            rows.append(
+                [
+                    name,
+                    str(run["connections"]),
+                    f(run["rps"], "{:,.0f}"),
+                    str(run["errors"]),
+                    f"{share['steady']:.1f} %",
+                    f"{share['flaky']:.1f} %",
+                    f"{run['failovers']:,} ({run['failovers_pct']:.1f} %)",
+                    f(run.get("first_p50_ms"), "{:.3f}"),
+                    f(run.get("failover_p50_ms"), "{:.3f}"),
+                    f(run.get("added_p50_ms"), "{:+.3f}"),
+                    f(run.get("first_p99_ms"), "{:.2f}"),
+                    f(run.get("failover_p99_ms"), "{:.2f}"),
+                    f(run.get("added_p99_ms"), "{:+.2f}"),
+                    f"{run['mock_counts']['flaky'].get('429', 0):,}",
+                    f(run.get("cpu_us_per_req")),
+                ]
+            )
+    return [
+        *table(head, rows),
+        "",
+        "Two mock backends, equal weight, same priority; flaky answers 429 with `retry-after-ms: 0` to every second "
+        "request it gets (so its cooldown ends at once and round-robin keeps sending it half the requests). "
+        "Served by: `x-azproxy-backend` of the 200s; failovers: those with `x-azproxy-attempts: 2`; first / "
+        "failover: latency of the 200s with 1 / 2 attempts, and +: the difference. Expected: 75 % / 25 % / 25 %.",
+    ]
+
+
 def mock_lines(res: Row) -> list[str]:
     p = next(v for k, v in res.items() if k.startswith("nginx"))
     s = next(v for k, v in res.items() if k.startswith("stream"))
@@ -267,6 +322,7 @@ SECTIONS = {
     "streams-5k": ("Many concurrent streams, chunks 1 s apart", stream_table),
     "stream-capacity": ("Streams one worker holds", capacity_lines),
     "tunnel": ("Intercepted CONNECT tunnel vs reverse (client.py, 64 connections)", tunnel_lines),
+    "failover": ("Two backends, one answering 429 to half its requests (client.py)", failover_lines),
     "startup": ("Start-up and idle memory", startup_lines),
     "profile": ("Profile of one worker (py-spy)", profile_lines),
 }
@@ -360,6 +416,22 @@ def targets(results: Row, args: Any) -> list[tuple[str, bool | None, str]]:
                 r is not None and r >= 0.85 and t["tunnel"]["errors"] == 0,
                 f"{t['tunnel']['rps']:,.0f} / {t['reverse']['rps']:,.0f} = {f(r, '{:.3f}')}x, "
                 f"{t['tunnel']['errors']} errors",
+            )
+        )
+    fo = ok("failover")
+    if fo:
+        runs = [run for r in fo.values() if "not_run" not in r for run in r.values() if isinstance(run, dict)]
+        runs = [run for run in runs if "served" in run]
+        errors = sum(run["errors"] for run in runs)
+        low = fo["azproxy-1w"].get(f"c{args.low_connections}", {})
+        out.append(
+            (
+                "7. two backends, one answering 429 to half its requests: zero client errors",
+                errors == 0 and all(run["failovers"] for run in runs),
+                f"{errors} errors over {sum(run['requests'] for run in runs):,} requests; "
+                f"{sum(run['failovers'] for run in runs):,} failovers; one failover adds "
+                f"{f(low.get('added_p50_ms'), '{:+.3f}')} ms p50, {f(low.get('added_p99_ms'), '{:+.3f}')} ms "
+                f"p99 (azproxy-1w, {args.low_connections} connections)",
             )
         )
     st = ok("startup")

@@ -1,8 +1,7 @@
 """The scenarios: each starts what it measures, runs bounded loads, and returns its rows.
 
 A scenario is a function `(bench: Bench) -> dict` registered with `@scenario(name)`; `run.py` runs them in
-the order they are defined here. To add one (e.g. two azproxy backends, one of them answering 429 to half
-its requests, once a multi-backend config exists), write the function: start the servers it needs with
+the order they are defined here. To add one, write the function: start the servers it needs with
 `bench.azproxy(...)` / `bench.nginx_proxy(...)` (stopped when the scenario ends), measure with
 `bench.measure(...)`, return a dict. Raising marks the scenario as errored (the run then exits 1).
 """
@@ -10,9 +9,11 @@ its requests, once a multi-backend config exists), write the function: start the
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -120,8 +121,11 @@ class Bench:
             server.stop()
 
     @contextmanager
-    def azproxy(self, workers: int = 1, stream: bool = False, name: str = "") -> Iterator[Target]:
-        """azproxy serve on a free port in front of a mock; `workers` > 1 passes --workers."""
+    def azproxy(
+        self, workers: int = 1, stream: bool = False, name: str = "", env: dict[str, str] | None = None
+    ) -> Iterator[Target]:
+        """azproxy serve on a free port in front of a mock; `workers` > 1 passes --workers; `env` adds to (or
+        overrides) its settings, e.g. `AZPROXY_CONFIG`."""
         port = free_port()
         argv = [sys.executable, "-m", "azproxy", "serve"]
         if workers > 1:
@@ -136,6 +140,7 @@ class Bench:
             "AZPROXY_MAX_CONNECTIONS_PER_IP": "100000",
             "AZPROXY_AUTH_FAILURE_LIMIT": "0",
             **self.env_path,
+            **(env or {}),
         }
         name = name or f"azproxy-{workers}w"
         server = Server(name, argv, self.workdir, env)
@@ -177,12 +182,16 @@ class Bench:
         return wait_quiet(self.args.quiet_pct, self.args.quiet_wait)
 
     def measure(
-        self, target: Target, load: Callable[[], dict[str, Any]], stream: bool = False
+        self,
+        target: Target,
+        load: Callable[[], dict[str, Any]],
+        stream: bool = False,
+        mocks: list[Server] | None = None,
     ) -> dict[str, Any]:
-        """Runs `load` while watching the target's process tree and the mock's."""
+        """Runs `load` while watching the target's process tree and the mock's (or those of `mocks`)."""
         background = self.quiet()
         mock = self.stream_mock if stream else self.plain_mock
-        with Watch(target.server, [mock]) as watch:
+        with Watch(target.server, mocks or [mock]) as watch:
             result = load()
         result.update(watch.figures())
         result["background_busy_pct"] = background
@@ -377,6 +386,112 @@ def tunnel(b: Bench) -> dict[str, Any]:
     for row in rows.values():
         row["cpu_us_per_req"] = per_1k(row.get("cpu_s"), row["requests"])
         row["client_cpu_us_per_req"] = per_1k(row.get("loadgen_cpu_s"), row["requests"])
+    return rows
+
+
+FAILOVER_BACKENDS = ("steady", "flaky")  # in the config file's order: round-robin starts with "steady"
+FAILOVER_HEADERS = ("x-azproxy-backend", "x-azproxy-attempts")
+FAILOVER_TOML = """\
+# written by bench/scenarios.py (failover): two mock backends, equal weight, same priority
+[[backend]]
+name = "{0}"
+endpoint = "http://127.0.0.1:{2}"
+api_key = "env:BENCH_BACKEND_KEY"
+weight = 1
+priority = 0
+
+[[backend]]
+name = "{1}"
+endpoint = "http://127.0.0.1:{3}"
+api_key = "env:BENCH_BACKEND_KEY"
+weight = 1
+priority = 0
+"""
+
+
+def mock_counts(port: int) -> dict[str, int]:
+    """The chat requests a bench/upstream.py mock answered 200 and 429 since it started."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_mock/counts", timeout=5) as r:
+        counts: dict[str, int] = json.loads(r.read())
+        return counts
+
+
+def failover_run(
+    b: Bench, t: Target, mocks: dict[str, tuple[Server, int]], connections: int, seconds: float
+) -> dict[str, Any]:
+    """One closed-loop run of bench/client.py through `t`, its answers counted and timed per backend and per
+    attempts, beside what each mock counted and the 429 warnings azproxy logged meanwhile."""
+    before = {name: mock_counts(port) for name, (_, port) in mocks.items()}
+    assert t.server is not None
+    logged = t.server.log.read_bytes().count(b"answered 429")
+    r = b.measure(
+        t,
+        lambda: loaders.python_plain(t.url, t.header, connections, seconds, group_by=FAILOVER_HEADERS),
+        mocks=[server for server, _ in mocks.values()],
+    )
+    r["connections"] = connections
+    r["cpu_us_per_req"] = per_1k(r.get("cpu_s"), r["requests"])
+    r["warnings_logged"] = t.server.log.read_bytes().count(b"answered 429") - logged
+    after = {name: mock_counts(port) for name, (_, port) in mocks.items()}
+    r["mock_counts"] = {n: {k: after[n][k] - before[n].get(k, 0) for k in after[n]} for n in after}
+    by_backend = r["groups"]["x-azproxy-backend"]
+    by_attempts = r["groups"]["x-azproxy-attempts"]
+    total = r["requests"] or 1
+    r["served"] = {name: by_backend.get(name, {}).get("requests", 0) for name in FAILOVER_BACKENDS}
+    r["served_pct"] = {name: round(100 * n / total, 1) for name, n in r["served"].items()}
+    first, again = by_attempts.get("1", {}), by_attempts.get("2", {})
+    r["failovers"] = again.get("requests", 0)
+    r["failovers_pct"] = round(100 * r["failovers"] / total, 1)
+    r["other_attempts"] = {k: v["requests"] for k, v in by_attempts.items() if k not in ("1", "2")}
+    for p in ("p50", "p99"):
+        r[f"first_{p}_ms"] = first.get(f"{p}_ms")
+        r[f"failover_{p}_ms"] = again.get(f"{p}_ms")
+        if first.get(f"{p}_ms") is not None and again.get(f"{p}_ms") is not None:
+            r[f"added_{p}_ms"] = round(again[f"{p}_ms"] - first[f"{p}_ms"], 3)
+    return r
+
+
+@scenario("failover")
+def failover(b: Bench) -> dict[str, Any]:
+    """Two backends in azproxy's config file (equal weight, same priority), each a bench/upstream.py mock;
+    "flaky" answers 429 with `retry-after-ms: 0` to every second request it gets. Measured with
+    bench/client.py (it reads `x-azproxy-backend` / `x-azproxy-attempts` on every answer) at 64 connections
+    (the client must see no error) and at 4, where nothing queues (the latency a failover adds).
+
+    `retry-after-ms: 0` makes azproxy's cooldown of "flaky" end at once, so every request round-robin gives
+    it is really sent there and every second one fails over: failover is what is measured, not the cooldown
+    (any longer value would let requests skip "flaky" while it cools down, and the share of failovers would
+    depend on the request rate)."""
+    a = b.args
+    mock_py = str(Path(__file__).parent / "upstream.py")
+    mocks: dict[str, tuple[Server, int]] = {}
+    rows: dict[str, Any] = {}
+    try:
+        for name in FAILOVER_BACKENDS:
+            port = free_port()
+            argv = [sys.executable, mock_py, str(port)]
+            if name == "flaky":
+                argv += ["--fail-every=2", "--retry-after-ms=0"]
+            mocks[name] = (b.start(f"mock-{name}", argv, port), port)
+        conf = b.workdir / "failover.toml"
+        conf.write_text(FAILOVER_TOML.format(*FAILOVER_BACKENDS, *(port for _, port in mocks.values())))
+        env = {"AZPROXY_CONFIG": str(conf), "BENCH_BACKEND_KEY": KEY}
+        for n, skip in b.workers_rows():
+            if skip is None:
+                rows[f"azproxy-{n}w"] = NOT_RUN
+                continue
+            with b.azproxy(n, name=f"azproxy-{n}w-failover", env=env) as t:
+                if a.warmup:
+                    loaders.python_plain(t.url, t.header, a.connections, a.warmup)
+                rows[f"azproxy-{n}w"] = {
+                    f"c{a.connections}": failover_run(b, t, mocks, a.connections, a.duration),
+                    f"c{a.low_connections}": failover_run(b, t, mocks, a.low_connections, a.low_duration),
+                    "start_s": t.start_s,
+                    "idle": t.idle,
+                }
+    finally:
+        for server, _ in mocks.values():
+            server.stop()
     return rows
 
 

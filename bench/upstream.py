@@ -12,12 +12,17 @@ usage chunk when the body asked for it (`include_usage`), `data: [DONE]`. Conten
 `"content":"w<i>@<t> "`, t being CLOCK_MONOTONIC in ms when it was written, so the client can tell how late
 each chunk arrives and whether any is missing or out of order. Any other body gets a fixed chat completion.
 Headers `x-mock-chunks` / `x-mock-delay` override the counts for one request.
+
+`--fail-every N` makes it a throttled backend: every Nth chat request (counted over all connections) gets
+Azure's 429 with `retry-after-ms: MS` (`--retry-after-ms`, default 0) instead. `GET /_mock/counts` answers
+`{"200": n, "429": m}`: the chat requests answered each way since start.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import socket
 import time
@@ -93,6 +98,10 @@ def answer(status: str, body: str) -> bytes:
 
 OK = answer("200 OK", CHAT)
 E401 = answer("401 Unauthorized", '{"error":{"code":"401","message":"Access denied: missing api-key"}}')
+E429_BODY = (
+    '{"error":{"code":"429","message":"Requests to the ChatCompletions_Create Operation under Azure OpenAI '
+    'API version 2024-10-21 have exceeded token rate limit of your current AIServices S0 pricing tier."}}'
+)
 E404 = answer("404 Not Found", '{"error":{"code":"404","message":"Resource not found"}}')
 SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\n"
@@ -104,8 +113,18 @@ SSE_END = chunk(event(FINISH) + b"data: [DONE]\n\n") + b"0\r\n\r\n"
 SSE_END_USAGE = chunk(event(FINISH) + event(USAGE) + b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
 
+def throttled(retry_after_ms: int) -> bytes:
+    """Azure's 429, with `retry-after-ms` only (azproxy's cooldown then lasts exactly that)."""
+    head, _, rest = answer("429 Too Many Requests", E429_BODY).partition(b"\r\n")
+    return head + f"\r\nretry-after-ms: {retry_after_ms}\r\n".encode() + rest
+
+
 class Conn(asyncio.Protocol):
     chunks, delay = 40, 0.05
+    fail_every = 0  # every Nth chat request gets E429 (0: none)
+    e429 = throttled(0)
+    counts = {"200": 0, "429": 0}  # over all connections
+    seen = 0
 
     def connection_made(self, transport: Any) -> None:
         self.t: Any = transport
@@ -156,6 +175,9 @@ class Conn(asyncio.Protocol):
             self.handle(method, target.split(b"?", 1)[0], headers, body)
 
     def handle(self, method: bytes, path: bytes, headers: dict[bytes, bytes], body: bytes) -> None:
+        if method == b"GET" and path == b"/_mock/counts":
+            self.reply(answer("200 OK", json.dumps(Conn.counts)))
+            return
         v1 = path == b"/openai/v1/chat/completions"
         deployment = path.startswith(b"/openai/deployments/") and path.endswith(b"/chat/completions")
         if method != b"POST" or not (v1 or deployment):
@@ -164,6 +186,12 @@ class Conn(asyncio.Protocol):
         if not headers.get(b"api-key") and not (v1 and headers.get(b"authorization")):
             self.reply(E401)
             return
+        Conn.seen += 1
+        if self.fail_every and Conn.seen % self.fail_every == 0:
+            Conn.counts["429"] += 1
+            self.reply(self.e429)
+            return
+        Conn.counts["200"] += 1
         if not STREAM_RE.search(body):
             self.reply(OK)
             return
@@ -218,8 +246,11 @@ def main() -> None:
     ap.add_argument("port", type=int)
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--delay", type=float, default=0.05)
+    ap.add_argument("--fail-every", type=int, default=0, help="answer 429 to every Nth chat request")
+    ap.add_argument("--retry-after-ms", type=int, default=0, help="the 429's retry-after-ms")
     a = ap.parse_args()
     Conn.chunks, Conn.delay = a.chunks, a.delay
+    Conn.fail_every, Conn.e429 = a.fail_every, throttled(a.retry_after_ms)
     if uvloop:
         uvloop.install()
 
