@@ -3,7 +3,8 @@ byte is read), checks the model it names against its allowlist, and admits the r
 
 Client keys are active only when configured; then every proxied request must carry one, as
 `Authorization: Bearer`, `api-key`, or (forward proxy) `Proxy-Authorization` (Bearer, or Basic with the key as
-password), and azproxy's client keys are never forwarded.
+password), and azproxy's client keys are never forwarded. A client address that fails too many key checks is
+answered 429 for a while (`guessing.py`), before any key is compared.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import base64
 import binascii
 import hmac
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,6 +24,7 @@ from .clients import Client, find_client
 from .config import Settings
 from .edge.arrival import Arrival, ArrivalKind, Passage
 from .errors import Forbidden, ProxyAuthRequired, Unauthorized
+from .guessing import Clock, GuessingGuard
 from .headers import KEY_SUBPROTOCOL
 from .ratelimit import RateLimiter, Usage
 from .usage import Metered
@@ -42,10 +45,12 @@ class Admitted:
 
 
 class Admission:
-    def __init__(self, settings: Settings, limiter: RateLimiter) -> None:
+    def __init__(self, settings: Settings, limiter: RateLimiter, *, clock: Clock = time.monotonic) -> None:
         self._clients = settings.access.clients
         self._proxy_auth = settings.forward.proxy_auth
         self._limiter = limiter
+        access = settings.access
+        self._guessing = GuessingGuard(access.auth_failure_limit, access.trusted_proxies, clock=clock)
         #: Token charges under way (Redis may be slow); referenced so none is collected mid-flight.
         self._charges: set[asyncio.Task[None]] = set()
 
@@ -53,8 +58,19 @@ class Admission:
     def enabled(self) -> bool:
         return bool(self._clients)
 
-    def identify(self, arrival: Arrival, headers: CIMultiDictProxy[str]) -> Client | None:
-        """The client, None when client keys are off; 407 or 401 when a credential is needed and none fits."""
+    def identify(self, arrival: Arrival, headers: CIMultiDictProxy[str], peer: str | None) -> Client | None:
+        """The client, None when client keys are off; 407 or 401 when a credential is needed and none fits,
+        and 429 for an address (`peer`, or whom a trusted proxy names) that failed too often."""
+        address = self._guessing.client_address(peer, headers)
+        self._guessing.check(address)
+        try:
+            return self._identify(arrival, headers)
+        except (Unauthorized, ProxyAuthRequired):
+            if client_key(headers) or headers.get("Proxy-Authorization"):
+                self._guessing.failed(address)  # a missing credential is no guess
+            raise
+
+    def _identify(self, arrival: Arrival, headers: CIMultiDictProxy[str]) -> Client | None:
         if arrival.kind in (ArrivalKind.FORWARD, ArrivalKind.CONNECT):
             self._check_proxy_auth(headers)
         if not self._clients:
@@ -77,15 +93,23 @@ class Admission:
         """The allowlist, then the request budget (429 with retry-after when the window is spent)."""
         if client is None:
             return Admitted(None)
-        if not client.may_use(model):
-            raise Forbidden(
-                f"Client '{client.name}' may not use model '{model}'.",
-                param="model",
-                code="model_not_allowed",
-            )
+        self.check_model(client, model)
         if not (client.rpm or client.tpm):
             return Admitted(client)
         return Admitted(client, await self._limiter.admit(client))
+
+    @staticmethod
+    def check_model(client: Client, model: str | None, deployments: Mapping[str, str] | None = None) -> None:
+        """403 unless the client may use `model`; with `deployments` (the model map), a deployment name counts
+        as the models that map to it (batch files name deployments)."""
+        if client.may_use(model):
+            return
+        allowed = client.models or frozenset()
+        if deployments is not None and any(deployments.get(name, name) == model for name in allowed):
+            return
+        raise Forbidden(
+            f"Client '{client.name}' may not use model '{model}'.", param="model", code="model_not_allowed"
+        )
 
     def charge(self, metered: Metered) -> None:
         """Usage observer: the tokens an answer used count against its client's per-minute budget."""

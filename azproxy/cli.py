@@ -1,27 +1,34 @@
-"""Command line: `azproxy [serve]`, `azproxy demo`, `azproxy emulator`."""
+"""Command line: `azproxy [serve]`, `azproxy reload`, `azproxy check`, `azproxy health`, `azproxy demo`,
+`azproxy emulator`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .config import (
     FLAG_VARIABLES,
     Address,
     ConfigError,
+    Settings,
     load_settings,
     parse_address,
     read_sources,
     unknown_variables,
 )
 from .logs import configure_logging
-from .server import new_event_loop, run
+from .process import PID_FILE, Controls, StartupError, run
+from .server import new_event_loop
 from .settings_table import SETTINGS
+from .systemd import Notifier, NotifyEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +45,70 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    source = read_sources(os.environ, {name: getattr(args, name) for name in FLAG_VARIABLES})
+    flags = {name: getattr(args, name) for name in FLAG_VARIABLES}
+    source = read_sources(os.environ, flags)
     settings = load_settings(source)
     configure_logging(settings)
     unknown = unknown_variables(source)
     if unknown:
         log.warning("ignoring variables no setting reads (typos?): %s", ", ".join(unknown))
-    run(settings)
+    environ = os.environ
+    notify = NotifyEnvironment.from_text(
+        environ.get("NOTIFY_SOCKET"), environ.get("WATCHDOG_USEC"), environ.get("WATCHDOG_PID")
+    )
+
+    def reload_settings() -> Settings:
+        """What a reload switches to: the same sources, the .env and config files read again."""
+        return load_settings(read_sources(os.environ, flags))
+
+    try:
+        run(settings, Controls(Notifier(notify), reload_settings))
+    except StartupError as exc:
+        print(f"azproxy: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _reload(_args: argparse.Namespace) -> int:
+    """SIGHUP to the azproxy these settings describe, found through the pid file in its state directory."""
+    settings = load_settings(read_sources(os.environ), require_endpoint=False)
+    path = settings.state_dir / PID_FILE
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        print(
+            f"azproxy: not running: no {path} (AZPROXY_STATE_DIR names another directory?)", file=sys.stderr
+        )
+        return 1
+    try:
+        pid = int(text)
+        if not _is_azproxy(pid):
+            raise ProcessLookupError
+        os.kill(pid, signal.SIGHUP)
+    except ValueError:
+        print(f"azproxy: {path} holds no process id", file=sys.stderr)
+        return 1
+    except ProcessLookupError:
+        print(f"azproxy: not running: {path} names process {pid}, which is no azproxy now", file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(
+            f"azproxy: not allowed to signal process {pid} (run as the user azproxy runs as)", file=sys.stderr
+        )
+        return 1
+    print(f"azproxy: asked process {pid} to reload its configuration (the log says how it went)")
+    return 0
+
+
+def _is_azproxy(pid: int) -> bool:
+    """Whether `pid` still runs azproxy: a pid file left by a killed azproxy may name a process that has since
+    taken its number, and SIGHUP would end most programs. Without /proc, the pid file is trusted."""
+    try:
+        return b"azproxy" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()
+    except OSError:
+        return True
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -100,6 +163,33 @@ holding both, e.g. cat "$(python3 -m certifi)" {path} > bundle.pem)""")
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from .check import run_check
+    from .config import Secret
+
+    try:
+        settings = load_settings(read_sources(os.environ))
+        key = None
+        if args.key_env:
+            value = os.environ.get(args.key_env, "").strip()
+            if not value:
+                raise ConfigError(f"--key-env: the variable {args.key_env} is not set")
+            key = Secret(value)
+    except ConfigError as exc:
+        if not args.json:
+            raise
+        print(json.dumps({"ok": False, "error": f"configuration error: {exc}"}))
+        return 2
+    return run_check(settings, key=key, timeout=args.timeout, json_output=args.json)
+
+
+def _health(args: argparse.Namespace) -> int:
+    from .check import healthy
+
+    settings = load_settings(read_sources(os.environ), require_endpoint=False)
+    return 0 if asyncio.run(healthy(settings, args.timeout)) else 1
+
+
 def _address(text: str) -> Address:
     try:
         return parse_address(text)
@@ -108,7 +198,7 @@ def _address(text: str) -> Address:
 
 
 def _default_to_serve(argv: list[str]) -> list[str]:
-    commands = {"serve", "demo", "emulator", "ca", "-h", "--help", "--version"}
+    commands = {"serve", "reload", "check", "health", "demo", "emulator", "ca", "-h", "--help", "--version"}
     return argv if argv and argv[0] in commands else ["serve", *argv]
 
 
@@ -123,6 +213,11 @@ def _parser() -> argparse.ArgumentParser:
             meaning = row.meaning.replace("`", "").replace("%", "%%")
             serve.add_argument(row.flag, help=f"{meaning} ({row.env})")
     serve.set_defaults(func=_serve)
+
+    reload = commands.add_parser(
+        "reload", help="make the running azproxy read its configuration again (SIGHUP through its pid file)"
+    )
+    reload.set_defaults(func=_reload)
 
     demo = commands.add_parser(
         "demo", help="the proxy in front of the built-in Azure emulator, with requests"
@@ -141,6 +236,20 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument("--chunks", type=int, help="content chunks per stream (default: one per word)")
     emulator.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between stream chunks")
     emulator.set_defaults(func=_emulator)
+
+    check = commands.add_parser("check", help="one cheap real call per configured model: is each one usable?")
+    check.add_argument("--json", action="store_true", help="print the results as JSON, for scripts")
+    check.add_argument("--timeout", type=float, default=10, help="seconds per call (default %(default)s)")
+    check.add_argument(
+        "--key-env",
+        metavar="NAME",
+        help="a variable holding an Azure key to check with when no AZURE_OPENAI_TOKEN is set",
+    )
+    check.set_defaults(func=_check)
+
+    health = commands.add_parser("health", help="exit 0 if the configured azproxy answers /healthz (Docker)")
+    health.add_argument("--timeout", type=float, default=3, help="seconds (default %(default)s)")
+    health.set_defaults(func=_health)
 
     ca = commands.add_parser("ca", help="where azproxy's CA certificate is and how to trust it")
     ca.add_argument("--pem", action="store_true", help="print the CA certificate itself")

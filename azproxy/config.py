@@ -18,6 +18,7 @@ from dotenv import dotenv_values
 from yarl import URL
 
 from .addresses import is_ip_literal, is_loopback, is_public
+from .backend_config import BackendSpec, ModelSpec
 from .clients import Client, ClientConfigError, clients_from_file
 from .config_file import ConfigFile, SettingText, read_config_file
 from .setting_values import (
@@ -28,6 +29,7 @@ from .setting_values import (
     AuthMode,
     ConfigError,
     IPNetwork,
+    LogFormat,
     Mode,
     ResponseShape,
     Secret,
@@ -39,6 +41,7 @@ from .settings_table import BY_ENV, DEFAULT_API_VERSION, DEFAULTS, SETTINGS
 __all__ = [
     "BUILTIN_MODEL_MAP",
     "DEFAULT_API_VERSION",
+    "DEFAULT_TUNNEL_ALLOW",
     "FLAG_VARIABLES",
     "Access",
     "Address",
@@ -46,8 +49,10 @@ __all__ = [
     "ApiStyle",
     "AuthMode",
     "ConfigError",
+    "Failover",
     "ForwardProxy",
     "Limits",
+    "LogFormat",
     "Mode",
     "ResponseShape",
     "Secret",
@@ -72,6 +77,33 @@ class Timeouts:
 
     connect: float = DEFAULTS["timeouts.connect"]
     read: float = DEFAULTS["timeouts.read"]
+    #: Sending a request to the first byte of its answer; None: `read`.
+    first_byte: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failover:
+    """How requests move between backends: attempts per request, cooldown after a 429, circuit breaking."""
+
+    #: None: every backend that serves the model, once.
+    max_attempts: int | None = None
+    cooldown: float = DEFAULTS["failover.cooldown"]
+    circuit_failures: int = DEFAULTS["failover.circuit_failures"]
+    circuit_open: float = DEFAULTS["failover.circuit_open"]
+    #: Answers name the backend that served them and the attempts it took.
+    backend_headers: bool = DEFAULTS["failover.backend_headers"]
+
+
+#: Public hosts that OpenAI SDKs and tokenizer libraries fetch from besides the API, which clients behind
+#: HTTPS_PROXY reach through azproxy too: tiktoken's encodings (LangChain's OpenAIEmbeddings loads them), and
+#: Hugging Face's hub and its file CDN (transformers tokenizers, litellm's tokenizers).
+DEFAULT_TUNNEL_ALLOW: Final = (
+    AllowedTarget("openaipublic.blob.core.windows.net", 443),
+    AllowedTarget("huggingface.co", 443),
+    AllowedTarget("cdn-lfs.huggingface.co", 443),
+    AllowedTarget("cdn-lfs.hf.co", 443),
+    AllowedTarget("cas-bridge.xethub.hf.co", 443),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +112,19 @@ class ForwardProxy:
 
     intercept_hosts: tuple[str, ...] = DEFAULTS["forward.intercept_hosts"]
     tunnel_allow: tuple[AllowedTarget, ...] = ()
+    #: Also tunnel `DEFAULT_TUNNEL_ALLOW` blindly, at public addresses only.
+    tunnel_allow_defaults: bool = DEFAULTS["forward.tunnel_allow_defaults"]
     #: `user:password` for Proxy-Authorization: Basic; None means the forward proxy asks for none.
     proxy_auth: Secret | None = None
 
     def allows_tunnel(self, host: str, port: int) -> bool:
         return any(target.admits(host, port) for target in self.tunnel_allow)
+
+    def allows_public_tunnel(self, host: str, port: int) -> bool:
+        """A built-in target (see `DEFAULT_TUNNEL_ALLOW`): tunnelled, but vetted like any public host."""
+        return self.tunnel_allow_defaults and any(
+            target.admits(host, port) for target in DEFAULT_TUNNEL_ALLOW
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +182,12 @@ class Settings:
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
     access_log: bool = DEFAULTS["access_log"]
+    log_format: LogFormat = DEFAULTS["log_format"]
     log_level: str = DEFAULTS["log_level"]
+    #: Prometheus metrics at /metrics, on the main listener or on `metrics_address`.
+    metrics: bool = DEFAULTS["metrics"]
+    metrics_address: Address | None = None
+    metrics_key: Secret | None = None
     forward: ForwardProxy = ForwardProxy()
     #: Where the local CA lives (created on first need).
     state_dir: Path = field(default_factory=lambda: Path.home() / ".local/share/azproxy")
@@ -152,21 +197,36 @@ class Settings:
     access: Access = Access()
     #: Vet the configured endpoints' addresses like forward-proxy targets (public addresses only).
     strict_endpoints: bool = DEFAULTS["strict_endpoints"]
+    #: Processes serving the one port (SO_REUSEPORT); 1 serves in the main process itself.
+    workers: int = DEFAULTS["workers"]
+    #: Seconds requests under way may take to finish once azproxy is told to stop.
+    shutdown_grace: float = DEFAULTS["shutdown_grace"]
     api_style: ApiStyle = DEFAULTS["api_style"]
     #: api-version per operation family (`responses`, `assistants`, ...), over the built-in needs.
     version_overrides: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     auth: AuthMode = DEFAULTS["auth"]
     response_shape: ResponseShape = DEFAULTS["response_shape"]
+    #: The response shape of forward-proxy arrivals, whose clients believe they talk to api.openai.com.
+    forward_response_shape: ResponseShape = DEFAULTS["forward_response_shape"]
+    #: Rename or drop parameters a deployment refuses, and remember that per deployment.
+    fix_parameters: bool = DEFAULTS["fix_parameters"]
     #: Ask Azure for token usage at the end of streams.
     stream_usage: bool = DEFAULTS["stream_usage"]
+    failover: Failover = Failover()
+    #: The config file's `[[backend]]` tables; empty: the one endpoint the settings above name.
+    backends: tuple[BackendSpec, ...] = ()
+    #: The config file's `[[model]]` tables.
+    models: tuple[ModelSpec, ...] = ()
 
     @property
     def has_server_credential(self) -> bool:
+        if self.backends:
+            return all(backend.has_credential for backend in self.backends)
         return self.azure_token is not None or self.auth is AuthMode.ENTRA
 
 
 _SECTIONS: Final[Mapping[str, type[Any]]] = MappingProxyType(
-    {"limits": Limits, "timeouts": Timeouts, "forward": ForwardProxy, "access": Access}
+    {"limits": Limits, "timeouts": Timeouts, "failover": Failover, "forward": ForwardProxy, "access": Access}
 )
 
 
@@ -210,6 +270,7 @@ def load_settings(source: Mapping[str, str], *, require_endpoint: bool = True) -
     }
     values.setdefault("state_dir", _default_state_dir(source))
     values["access.clients"] = _clients(texts, source, config.clients)
+    values["backends"], values["models"] = config.backends, config.models
     settings = _assemble(values)
     if require_endpoint:
         _check_endpoint(settings)
@@ -217,6 +278,7 @@ def load_settings(source: Mapping[str, str], *, require_endpoint: bool = True) -
     _check_entra(settings)
     _check_access(settings)
     _check_strict_endpoints(settings)
+    _check_workers(settings)
     return settings
 
 
@@ -265,7 +327,7 @@ def _assemble(values: Mapping[str, Any]) -> Settings:
 
 
 def _check_endpoint(settings: Settings) -> None:
-    if settings.azure_endpoint is None and settings.mode is Mode.AZURE:
+    if settings.azure_endpoint is None and settings.mode is Mode.AZURE and not settings.backends:
         raise ConfigError(
             "AZURE_OPENAI_ENDPOINT is required in azure mode, e.g. https://RESOURCE.openai.azure.com"
         )
@@ -286,7 +348,8 @@ def _check_entra(settings: Settings) -> None:
 
 
 def _check_access(settings: Settings) -> None:
-    """No open relay: a server-side credential on a reachable address needs client keys, or an explicit yes."""
+    """No open relay: a server-side credential, or a tunnel allowlist, on a reachable address needs client keys
+    (or proxy credentials, for tunnels), or an explicit yes."""
     access = settings.access
     if access.clients and not settings.has_server_credential:
         raise ConfigError(
@@ -303,6 +366,31 @@ def _check_access(settings: Settings) -> None:
             f"AZURE_OPENAI_TOKEN is set and azproxy would listen on {settings.address} with no client keys: "
             "anyone who reaches it could spend your Azure quota. Set AZPROXY_API_KEYS or AZPROXY_CLIENTS_FILE, "
             "listen on 127.0.0.1 (AZURE_OPENAI_PROXY_ADDRESS), or set AZPROXY_ALLOW_ANONYMOUS=true"
+        )
+    forward = settings.forward
+    if (
+        forward.tunnel_allow
+        and forward.proxy_auth is None
+        and not access.clients
+        and not access.allow_anonymous
+        and not is_loopback(settings.address.host)
+    ):
+        raise ConfigError(
+            f"AZPROXY_TUNNEL_ALLOW is set and azproxy would listen on {settings.address} with neither "
+            "AZPROXY_PROXY_AUTH nor client keys: anyone who reaches it could tunnel to those hosts. Set "
+            "AZPROXY_PROXY_AUTH, AZPROXY_API_KEYS or AZPROXY_CLIENTS_FILE, listen on 127.0.0.1 "
+            "(AZURE_OPENAI_PROXY_ADDRESS), or set AZPROXY_ALLOW_ANONYMOUS=true"
+        )
+
+
+def _check_workers(settings: Settings) -> None:
+    """Rate-limit counters live in each process: several workers without Redis would each grant a client its
+    whole budget, so N workers would let it spend N times what it was given."""
+    limited = [client.name for client in settings.access.clients if client.rpm or client.tpm]
+    if settings.workers > 1 and limited and not settings.access.redis_url:
+        raise ConfigError(
+            f"AZPROXY_WORKERS: {settings.workers} workers would each count rate limits on their own (clients "
+            f"with rpm or tpm: {', '.join(limited)}); set AZPROXY_REDIS_URL to share them, or run one worker"
         )
 
 

@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+#: Connections the kernel queues before azproxy accepts them: thousands of clients may connect at once (a burst
+#: after a restart, a benchmark). Linux caps it at net.core.somaxconn (4096 by default since 5.4).
+LISTEN_BACKLOG: Final = 4096
+#: Set once this process stops accepting connections to drain (SIGTERM, SIGINT): a readiness check reads it.
+DRAINING: Final = asyncio.Event()
 #: Seconds between two log lines about one address over its connection cap.
 _REFUSAL_LOG_INTERVAL: Final = 60.0
 _BODY_TIMEOUT_ANSWER: Final = error_body(
@@ -42,8 +47,15 @@ async def start_server(
     ssl_context: ssl.SSLContext | None = None,
     access_log: logging.Logger | None = None,
     trusted_proxies: Collection[IPNetwork] = (),
+    reuse_port: bool = False,
+    backlog: int = LISTEN_BACKLOG,
+    shutdown_timeout: float = 60.0,
 ) -> tuple[web.AppRunner, int]:
-    """Serve `app` inside the running loop; returns the runner (clean it up to stop) and the bound port."""
+    """Serve `app` inside the running loop; returns the runner and the bound port. Cleaning the runner up stops
+    accepting at once, lets requests under way finish for up to `shutdown_timeout` seconds, then closes the rest.
+
+    `reuse_port` lets several processes listen on the one port (SO_REUSEPORT), the kernel sharing connections.
+    """
     handler_args: dict[str, Any] = {
         "access_log": access_log,
         "keepalive_timeout": limits.keepalive_timeout,
@@ -51,7 +63,7 @@ async def start_server(
         "max_field_size": limits.max_header_size,
         "max_headers": limits.max_headers,
     }
-    runner = _Runner(app, handler_cancellation=True, **handler_args)
+    runner = _Runner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, **handler_args)
     await runner.setup()
     server = runner.server
     assert server is not None
@@ -67,7 +79,7 @@ async def start_server(
     loop = asyncio.get_running_loop()
     try:
         runner.listening = await loop.create_server(
-            accept, host, port, ssl=ssl_context, backlog=1024, reuse_address=True
+            accept, host, port, ssl=ssl_context, backlog=backlog, reuse_address=True, reuse_port=reuse_port
         )
     except OSError:
         await runner.cleanup()

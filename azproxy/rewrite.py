@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from .shape import EventReshaper, reshape_json
+from .shape import EventReshaper, reshape_answer
 
 _TYPES_BY_STATUS: Final = {
     401: "authentication_error",
@@ -44,8 +44,9 @@ class Rewrite:
             error["message"] = f"{error.get('message', '')} {self._mapping_hint()}".strip()
         return json.dumps(document).encode()
 
-    def answer(self, body: bytes) -> bytes:
-        return reshape_json(body, self.model) if self.openai_shape else body
+    def answer(self, body: bytes) -> tuple[bytes, str | None]:
+        """The answer in the shape asked for, and the model Azure named where `model` now says another."""
+        return reshape_answer(body, self.model) if self.openai_shape else (body, None)
 
     def events(self) -> EventReshaper | None:
         return EventReshaper(self.model) if self.openai_shape else None

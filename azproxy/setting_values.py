@@ -70,6 +70,14 @@ class ResponseShape(StrEnum):
     OPENAI = "openai"
 
 
+class LogFormat(StrEnum):
+    """`auto`: JSON when stdout is not a terminal (systemd, Docker), readable text when it is."""
+
+    AUTO = "auto"
+    JSON = "json"
+    TEXT = "text"
+
+
 class Secret:
     """A credential that never shows itself in repr, str or logs."""
 
@@ -130,7 +138,7 @@ def parse_address(text: str) -> Address:
     text = text.strip()
     host, sep, port_text = text.rpartition(":")
     if not sep:
-        raise ConfigError(f"{text!r} is not host:port")
+        raise ConfigError(f"{shown(text)!r} is not host:port")
     host = host.removeprefix("[").removesuffix("]") or "0.0.0.0"
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError(f"port {port_text!r} is not a number from 1 to 65535")
@@ -187,12 +195,30 @@ def _api_version(text: str) -> str:
     return text.strip()
 
 
+def shown(text: str) -> str:
+    """A URL-like text fit for an error message: no `user:password@` and no query or fragment, which may hold
+    credentials (`?api-key=...`). Everything up to the last `@` goes, since a password may hold `/` or `@`."""
+    text = text.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    bare = rest.split("?", 1)[0].split("#", 1)[0]
+    return scheme + sep + bare + ("?..." if bare != rest else "")
+
+
 def _url(text: str) -> URL:
-    url = URL(text.strip())
+    try:
+        url = URL(text.strip())
+    except ValueError:
+        raise ConfigError(f"{shown(text)!r} is not an http(s) URL") from None
     if url.scheme not in ("http", "https") or not url.host:
-        raise ConfigError(f"{text!r} is not an http(s) URL")
+        raise ConfigError(f"{shown(text)!r} is not an http(s) URL")
+    if url.user is not None or url.password is not None:
+        raise ConfigError(f"{shown(text)!r} must not carry a user name or password")
     if url.query_string or url.fragment:
-        raise ConfigError(f"{text!r} must not carry a query or fragment")
+        raise ConfigError(f"{shown(text)!r} must not carry a query or fragment")
     return url.with_path(url.path.rstrip("/"))
 
 
@@ -241,7 +267,7 @@ def _dns_names(text: str) -> tuple[str, ...]:
     hosts = tuple(dict.fromkeys(host.lower().rstrip(".") for host in _entries(text)))
     for host in hosts:
         if not _HOST_NAME.fullmatch(host):
-            raise ConfigError(f"{host!r} is not a DNS host name")
+            raise ConfigError(f"{shown(host)!r} is not a DNS host name")
     return hosts
 
 
@@ -250,7 +276,7 @@ def _host_names(text: str) -> tuple[str, ...]:
     hosts = tuple(dict.fromkeys(host.lower().rstrip(".").strip("[]") for host in _entries(text)))
     for host in hosts:
         if not _HOST_NAME.fullmatch(host) and not _is_ip(host):
-            raise ConfigError(f"{host!r} is not a host name or IP address (give no port)")
+            raise ConfigError(f"{shown(host)!r} is not a host name or IP address (give no port)")
     return hosts
 
 
@@ -274,7 +300,7 @@ def _tunnel_targets(text: str) -> tuple[AllowedTarget, ...]:
         else:
             host, port = entry, ""
         if not host or (port and (not port.isdigit() or not 0 < int(port) < 65536)):
-            raise ConfigError(f"entry {entry!r} is not host, host:port or [v6]:port")
+            raise ConfigError(f"entry {shown(entry)!r} is not host, host:port or [v6]:port")
         targets.append(AllowedTarget(host, int(port) if port else None))
     return tuple(targets)
 
@@ -290,12 +316,16 @@ def _origins(text: str) -> tuple[str, ...]:
     """`*` or `scheme://host[:port]`, as browsers send Origin: no path, lower case."""
     origins = tuple(dict.fromkeys(entry.lower().rstrip("/") for entry in _entries(text)))
     for origin in origins:
-        if origin != "*" and not _is_origin(URL(origin)):
-            raise ConfigError(f"{origin!r} is not an origin such as https://chat.example.com or *")
+        if origin != "*" and not _is_origin(origin):
+            raise ConfigError(f"{shown(origin)!r} is not an origin such as https://chat.example.com or *")
     return origins
 
 
-def _is_origin(url: URL) -> bool:
+def _is_origin(origin: str) -> bool:
+    try:
+        url = URL(origin)
+    except ValueError:
+        return False
     bare = not (url.raw_path.strip("/") or url.query_string or url.fragment or url.user)
     return url.scheme in ("http", "https") and bool(url.host) and bare
 

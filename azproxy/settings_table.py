@@ -6,6 +6,7 @@ The README's configuration tables are checked against these rows, so the two can
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -36,11 +37,26 @@ from .setting_values import (
     VERSION_OVERRIDES,
     ApiStyle,
     AuthMode,
+    ConfigError,
+    LogFormat,
     Mode,
     Parser,
     ResponseShape,
     choice,
 )
+
+
+def _workers(text: str) -> int:
+    """A positive whole number, or `auto`: one per CPU this process may run on."""
+    text = text.strip()
+    if text.lower() == "auto":
+        return len(os.sched_getaffinity(0))
+    if not text.isdigit() or int(text) == 0:
+        raise ConfigError(f"{text!r} is not a positive whole number or auto")
+    return int(text)
+
+
+WORKERS: Final = Parser(_workers, (int, str))
 
 #: The newest GA version of the classic data plane. The original project's 2023-03-15-preview was retired in 2024.
 DEFAULT_API_VERSION: Final = "2024-10-21"
@@ -89,8 +105,26 @@ SETTINGS: Final = (
         meaning="`DEBUG`, `INFO`, `WARNING`, `ERROR`",
     ),
     Setting(
-        "AZPROXY_ACCESS_LOG", "server.access_log", BOOL, "false", field="access_log",
-        meaning="log one line per request (no headers, so no keys)",
+        "AZPROXY_ACCESS_LOG", "server.access_log", BOOL, "true", field="access_log",
+        meaning="log one line per request, CONNECT and aborted streams included (no header, body or key)",
+    ),
+    Setting(
+        "AZPROXY_LOG_FORMAT", "server.log_format", choice(LogFormat), "auto", field="log_format",
+        meaning="`json`, `text`, or `auto`: JSON when stdout is not a terminal (systemd, Docker)",
+    ),
+    Setting(
+        "AZPROXY_METRICS", "server.metrics", BOOL, "true", field="metrics",
+        meaning="serve Prometheus metrics at `/metrics`",
+    ),
+    Setting(
+        "AZPROXY_METRICS_ADDRESS", "server.metrics_address", ADDRESS, None, field="metrics_address",
+        unset="(the main listener)",
+        meaning="serve `/metrics` on this `host:port` instead, e.g. `127.0.0.1:9464`",
+    ),
+    Setting(
+        "AZPROXY_METRICS_KEY", "server.metrics_key", SECRET, None, field="metrics_key", secret=True,
+        unset="(any client key)",
+        meaning="the Bearer key `/metrics` on the main listener needs when client keys are configured",
     ),
     Setting(
         "AZPROXY_STATE_DIR", "server.state_dir", PATH, None,
@@ -108,6 +142,14 @@ SETTINGS: Final = (
     Setting(
         "AZPROXY_STRICT_ENDPOINTS", "server.strict_endpoints", BOOL, "false", field="strict_endpoints",
         meaning="connect to the Azure endpoint and the OpenAI base URL only on public addresses",
+    ),
+    Setting(
+        "AZPROXY_WORKERS", "server.workers", WORKERS, "1", field="workers", flag="--workers",
+        meaning="processes serving the one port (`auto`: one per CPU); rate limits then need `AZPROXY_REDIS_URL`",
+    ),
+    Setting(
+        "AZPROXY_SHUTDOWN_GRACE", "server.shutdown_grace", SECONDS, "30", field="shutdown_grace",
+        meaning="seconds requests and streams under way may take to finish after SIGTERM or SIGINT",
     ),
     Setting(
         "AZPROXY_ENV_FILE", "", PATH, None, field=None, unset="`./.env`",
@@ -156,6 +198,17 @@ SETTINGS: Final = (
         meaning="`azure`: answers as Azure sent them; `openai`: in OpenAI's shape",
     ),
     Setting(
+        "AZPROXY_FORWARD_RESPONSE_SHAPE", "azure.forward_response_shape", choice(ResponseShape), "openai",
+        field="forward_response_shape",
+        meaning="`AZPROXY_RESPONSE_SHAPE` for forward-proxy arrivals (`HTTPS_PROXY`, `HTTP_PROXY`), whose "
+        "clients believe they talk to api.openai.com",
+    ),
+    Setting(
+        "AZPROXY_FIX_PARAMETERS", "azure.fix_parameters", BOOL, "true", field="fix_parameters",
+        meaning="rename or drop a parameter a deployment refuses (`max_tokens`, `temperature` on reasoning "
+        "models), send again, and remember it for that deployment",
+    ),
+    Setting(
         "AZPROXY_STREAM_USAGE", "azure.stream_usage", BOOL, "true", field="stream_usage",
         meaning="ask Azure to report token usage at the end of streamed answers",
     ),
@@ -174,6 +227,33 @@ SETTINGS: Final = (
         "AZPROXY_READ_TIMEOUT", "timeouts.read", SECONDS, "300", field="timeouts.read",
         meaning="seconds of silence from the upstream before giving up: 504 before the answer starts, a final "
         "error event in a stream. It bounds the gap between two chunks, never a whole stream",
+    ),
+    Setting(
+        "AZPROXY_FIRST_BYTE_TIMEOUT", "timeouts.first_byte", SECONDS, None, field="timeouts.first_byte",
+        unset="`AZPROXY_READ_TIMEOUT`",
+        meaning="seconds from sending a request to the first byte of its answer: then the next backend, or 504",
+    ),
+    # [failover]: several backends (see "Several backends")
+    Setting(
+        "AZPROXY_MAX_ATTEMPTS", "failover.max_attempts", COUNT, None, field="failover.max_attempts",
+        unset="every candidate once",
+        meaning="backends one request is sent to at most, the first included",
+    ),
+    Setting(
+        "AZPROXY_COOLDOWN", "failover.cooldown", SECONDS, "10", field="failover.cooldown",
+        meaning="seconds a backend that answered 429 without `retry-after` is skipped for that model",
+    ),
+    Setting(
+        "AZPROXY_CIRCUIT_FAILURES", "failover.circuit_failures", COUNT, "3", field="failover.circuit_failures",
+        meaning="consecutive connect errors, timeouts or 5xx answers that open a backend's circuit",
+    ),
+    Setting(
+        "AZPROXY_CIRCUIT_OPEN", "failover.circuit_open", SECONDS, "30", field="failover.circuit_open",
+        meaning="seconds an open circuit keeps its backend out; then one request probes it",
+    ),
+    Setting(
+        "AZPROXY_BACKEND_HEADERS", "failover.backend_headers", BOOL, "true", field="failover.backend_headers",
+        meaning="answers carry `x-azproxy-backend` and `x-azproxy-attempts`",
     ),
     # [limits]: what one client can make azproxy hold
     Setting(
@@ -228,6 +308,12 @@ SETTINGS: Final = (
     Setting(
         "AZPROXY_TUNNEL_ALLOW", "forward.tunnel_allow", TUNNEL_TARGETS, None, field="forward.tunnel_allow",
         meaning="other targets to tunnel blindly: `host` (port 443), `host:port`, `[v6]:port`",
+    ),
+    Setting(
+        "AZPROXY_TUNNEL_ALLOW_DEFAULTS", "forward.tunnel_allow_defaults", BOOL, "true",
+        field="forward.tunnel_allow_defaults",
+        meaning="also tunnel blindly, to public addresses only, the hosts OpenAI SDKs and tokenizers fetch "
+        "from (see Forward proxy)",
     ),
     Setting(
         "AZPROXY_PROXY_AUTH", "forward.proxy_auth", PROXY_AUTH, None, field="forward.proxy_auth", secret=True,

@@ -70,6 +70,7 @@ def assert_openai_400(answer: bytes) -> None:
     assert head.split(b" ")[1] == b"400", answer[:80]
     assert b"application/json" in head.lower()
     assert json.loads(body)["error"]["code"] == "malformed_request"
+    assert b"\r\nServer: azproxy\r\n" in head  # no Python or aiohttp version, even here
 
 
 async def test_absolute_form_target_is_seen_absolute(serve: Any) -> None:

@@ -269,7 +269,7 @@ def test_serve_warns_once_about_unknown_variables(
     monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://res.openai.azure.com")
     monkeypatch.setenv("AZPROXY_MAX_BDY", "1M")
     served: list[Settings] = []
-    monkeypatch.setattr("azproxy.cli.run", served.append)
+    monkeypatch.setattr("azproxy.cli.run", lambda settings, _notifier: served.append(settings))
     assert main(["serve", "--address", "127.0.0.1:9999"]) == 0
     assert str(served[0].address) == "127.0.0.1:9999"
     warnings = [r.getMessage() for r in caplog.records if "AZPROXY_MAX_BDY" in r.getMessage()]
@@ -355,11 +355,11 @@ def test_environment_and_dotenv_override_the_file(tmp_path: Path) -> None:
             "[timeouts]\nread = -1\n",
             "azproxy.toml:2: [timeouts] read: '-1' is not a positive number of seconds",
         ),
+        ('[backend]\nname = "east"\n', "azproxy.toml: 'backend': must be an array of tables: [[backend]]"),
         (
-            '[[backend]]\nname = "east"\n',
-            "azproxy.toml:1: 'backend': not a settings table (known: [server], ",
+            '[[backends]]\nname = "east"\n',
+            "azproxy.toml:1: 'backends': not a settings table (known: [server], ",
         ),
-        ('[[model]]\nname = "gpt-4o"\n', "azproxy.toml:1: 'model': not a settings table"),
         ("max_body = 1\n", "azproxy.toml:1: 'max_body': settings go in their table: [limits] max_body"),
         ("[limits\n", "azproxy.toml: not valid TOML: "),
         (
@@ -391,11 +391,18 @@ def test_config_file_secrets_by_reference_and_clients_merged(tmp_path: Path) -> 
         '[azure]\nendpoint = "https://res.openai.azure.com"\ntoken = "file:azure-key"\n'
         '[forward]\nproxy_auth = "env:PROXY_CREDENTIALS"\n'
         '[[client]]\nname = "web-ui"\nkey = "env:WEBUI_KEY"\n',
-    ) | {"PROXY_CREDENTIALS": "user:pass", "WEBUI_KEY": "webui-secret", "AZPROXY_API_KEYS": "k1"}
+    ) | {
+        "PROXY_CREDENTIALS": "user:pass",
+        "WEBUI_KEY": "webui-secret-0123",
+        "AZPROXY_API_KEYS": "k1-long-enough-01",
+    }
     settings = load_settings(source)
     assert settings.azure_token == Secret("key-from-a-file")
     assert settings.forward.proxy_auth == Secret("user:pass")
-    assert [client.name for client in settings.access.clients] == [f"key-{short_hash('k1')}", "web-ui"]
+    assert [client.name for client in settings.access.clients] == [
+        f"key-{short_hash('k1-long-enough-01')}",
+        "web-ui",
+    ]
 
 
 def test_client_names_are_unique_across_sources(tmp_path: Path) -> None:
@@ -405,8 +412,8 @@ def test_client_names_are_unique_across_sources(tmp_path: Path) -> None:
         "AZURE_OPENAI_ENDPOINT": "https://res.openai.azure.com",
         "AZURE_OPENAI_TOKEN": "t",
         "AZPROXY_CLIENTS_FILE": str(clients_file),
-        "KEY_A": "a",
-        "KEY_B": "b",
+        "KEY_A": "a-long-enough-key-01",
+        "KEY_B": "b-long-enough-key-02",
     }
     with pytest.raises(ConfigError, match="repeated: \\['web-ui'\\]"):
         load_settings(source)
@@ -421,7 +428,7 @@ def test_example_config_file_loads_and_names_only_known_keys() -> None:
         setting = re.match(r"#? ?(\w+) = ", line)
         if header:
             table = header[1]
-        elif setting and table != "client":
+        elif setting and table not in ("client", "backend", "model"):
             shown.append(f"{table}.{setting[1]}")
     assert sorted(shown) == sorted(BY_KEY), "the example shows every key of the settings table, once"
 

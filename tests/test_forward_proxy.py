@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import shutil
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -179,7 +180,7 @@ async def test_requests_and_httpx_through_both_proxy_kinds(forward: ForwardProxy
             timeout=10,
         )
         assert answer.status_code == 200
-        assert answer.json()["model"] == "gpt-4o-2024-08-06"
+        assert answer.json()["model"] == "gpt-4o"  # forward arrivals get OpenAI's shape: the model asked for
         async with httpx.AsyncClient(proxy=forward.url, verify=forward.client_context()) as client:
             reply = await client.post(url, json=CHAT, headers=headers)
         assert reply.status_code == 200
@@ -250,7 +251,7 @@ async def test_client_closing_tunnel_mid_stream_closes_upstream(
     emulator.stream_gate = asyncio.Event()
     reader, writer = await open_intercepted(forward)
     writer.write(raw_request(STREAM))
-    await asyncio.wait_for(reader.readuntil(b'"content": "Hello '), 5)
+    await asyncio.wait_for(reader.readuntil(b'"content":"Hello '), 5)  # reshaped: OpenAI's shape for tunnels
     writer.transport.abort()
     await asyncio.wait_for(emulator.stream_aborted.wait(), 5)
     assert emulator.streams_finished == 0
@@ -408,6 +409,7 @@ async def test_allowlisted_targets_are_tunnelled_and_relayed(
             ("allowed.example", 80): ("127.0.0.1", plain.port),
         },
         AZPROXY_TUNNEL_ALLOW="allowed.example:8443,allowed.example:80",
+        AZURE_OPENAI_PROXY_ADDRESS="127.0.0.1:8080",  # a reachable address would need proxy credentials
     )
     trust = ssl.create_default_context(cafile=tmp_path / "upstream-ca" / "ca.pem")
     async with httpx.AsyncClient(proxy=forward.url, verify=trust) as client:
@@ -463,3 +465,38 @@ async def test_https_listener(
         await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
     assert [r.path.split("/")[3] for r in emulator.received] == ["gpt-4o", "gpt-4o-mini"]
     await server.close()
+
+
+@pytest.mark.parametrize(
+    "host", ["api.openai.com:\u0664\u0664\u0663", "api.openai.com:x", "api.openai.com:444"]
+)
+async def test_a_host_port_that_is_not_the_tunnels_is_a_400(
+    forward: ForwardProxy, emulator: Emulator, host: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    reader, writer = await open_intercepted(forward)
+    writer.write(raw_request(CHAT, host=host))
+    head, body = await read_response(reader)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(body)["error"]["code"] == "tunnel_host_mismatch"
+    assert emulator.received == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_state_directory_that_cannot_hold_the_ca_is_a_503_without_traceback(
+    make_forward: MakeForward, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the state directory should be")
+    proxy = await make_forward(AZPROXY_STATE_DIR=str(blocked / "state"))
+    for _ in range(2):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n")
+        head, body = await read_response(reader)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 503 ")
+        assert json.loads(body)["error"]["code"] == "certificate_unavailable"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors
+    assert all(r.exc_info is None for r in errors)
+    assert "AZPROXY_STATE_DIR" in errors[0].getMessage()

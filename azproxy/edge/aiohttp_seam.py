@@ -139,6 +139,7 @@ def malformed_request(kind: str) -> web.Response:
         "invalid_request_error",
         code="malformed_request",
     )
+    response.headers["Server"] = "azproxy"  # the app's response hooks never see an unrouted request
     response.force_close()
     return response
 

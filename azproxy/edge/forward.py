@@ -7,6 +7,8 @@ where the pipeline's.
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
@@ -16,14 +18,22 @@ from azproxy.edge.aiohttp_seam import request_target
 from azproxy.edge.arrival import ARRIVAL, REVERSE, Arrival, ArrivalKind, Passage, Target
 from azproxy.edge.tunnel import Tunnels
 from azproxy.errors import BadRequest
-from azproxy.state import STATE
+from azproxy.state import SNAPSHOT, STATE
+
+log = logging.getLogger(__name__)
 
 
 @web.middleware
 async def attach_arrival(request: web.Request, handler: Handler) -> web.StreamResponse:
-    state = request.app[STATE]
-    request[ARRIVAL] = arrival_of(request, state.settings, state.tunnels)
-    return await handler(request)
+    """Also pins the configuration snapshot the whole request is served with (`state_of`), until its handler is
+    done: a reload meanwhile changes nothing for it, and its snapshot's upstream pool stays open for it."""
+    live = request.app[STATE]
+    state = request[SNAPSHOT] = live.pin()
+    try:
+        request[ARRIVAL] = arrival_of(request, state.settings, state.tunnels)
+        return await handler(request)
+    finally:
+        live.unpin(state)
 
 
 def arrival_of(request: web.Request, settings: Settings, tunnels: Tunnels) -> Arrival:
@@ -55,7 +65,8 @@ def _forward(url: URL, forward: ForwardProxy) -> Arrival:
 
 def _connect(request: web.Request, settings: Settings) -> Arrival:
     """An HTTPS_PROXY tunnel: allowlisted targets blind, intercepted hosts ended here (azure mode) or blind to
-    the real host at public addresses only (openai mode), others refused."""
+    the real host at public addresses only (openai mode), the built-in hosts SDKs and tokenizers fetch from
+    blind at public addresses only, others refused (logged, with the setting that would allow them)."""
     url = request_target(request)
     if not url.host or url.explicit_port is None:
         raise BadRequest("CONNECT needs a host:port target.", code="invalid_connect_target")
@@ -66,8 +77,9 @@ def _connect(request: web.Request, settings: Settings) -> Arrival:
         return Arrival(ArrivalKind.CONNECT, Passage.RELAY, target)
     if intercepted and settings.mode is Mode.AZURE:
         return Arrival(ArrivalKind.CONNECT, Passage.TRANSLATE, target)
-    if intercepted:
+    if intercepted or forward.allows_public_tunnel(target.host, target.port):
         return Arrival(ArrivalKind.CONNECT, Passage.RELAY, target, public_only=True)
+    log.info("refused a tunnel to %s; AZPROXY_TUNNEL_ALLOW=%s would allow it", target, target)
     return Arrival(ArrivalKind.CONNECT, Passage.REFUSE, target)
 
 

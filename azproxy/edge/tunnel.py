@@ -22,6 +22,9 @@ from azproxy.errors import BadGateway
 log = logging.getLogger(__name__)
 
 ESTABLISHED: Final = b"HTTP/1.1 200 Connection established\r\n\r\n"
+#: What a CONNECT handler returns once its tunnel is over: the connection is no longer aiohttp's, so this
+#: answer is never sent.
+TAKEN_OVER: Final = web.Response()
 _HANDSHAKE_TIMEOUT: Final = 10.0
 
 
