@@ -8,8 +8,10 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,12 +63,26 @@ def _serve(args: argparse.Namespace) -> int:
         """What a reload switches to: the same sources, the .env and config files read again."""
         return load_settings(read_sources(os.environ, flags))
 
+    metrics_dir = _metrics_dir(settings)
     try:
-        run(settings, Controls(Notifier(notify), reload_settings))
+        run(settings, Controls(Notifier(notify), reload_settings, metrics_dir))
     except StartupError as exc:
         print(f"azproxy: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _metrics_dir(settings: Settings) -> Path | None:
+    """With several workers, prometheus-client's multi-process mode: every worker writes its metrics to files in
+    one fresh directory, and whichever answers /metrics reports them all."""
+    if settings.workers == 1 or not settings.metrics:
+        return None
+    directory = Path(tempfile.mkdtemp(prefix="azproxy-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    return directory
 
 
 def _reload(_args: argparse.Namespace) -> int:
@@ -145,6 +161,11 @@ def _ca(args: argparse.Namespace) -> int:
 
     settings = load_settings(read_sources(os.environ), require_endpoint=False)
     authority = CertificateAuthority(settings.state_dir, settings.forward.intercept_hosts)
+    if authority.created:  # on stderr, so `azproxy ca --pem > ca.pem` stays a clean certificate
+        print(
+            f"azproxy: there was no CA in {settings.state_dir}; made a new one: clients must trust it",
+            file=sys.stderr,
+        )
     if args.pem:
         sys.stdout.write(authority.pem().decode())
         return 0

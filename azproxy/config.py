@@ -338,6 +338,13 @@ def _check_tls_pair(settings: Settings) -> None:
         raise ConfigError("AZPROXY_TLS_CERT and AZPROXY_TLS_KEY go together: set both or neither")
 
 
+def _server_credential_name(settings: Settings) -> str:
+    """What holds the server-side credential, as the user configured it."""
+    if settings.backends:
+        return "[[backend]] api_key or auth"
+    return "AZPROXY_AUTH=entra" if settings.auth is AuthMode.ENTRA else "AZURE_OPENAI_TOKEN"
+
+
 def _check_entra(settings: Settings) -> None:
     if settings.auth is not AuthMode.ENTRA:
         return
@@ -363,8 +370,9 @@ def _check_access(settings: Settings) -> None:
         and not is_loopback(settings.address.host)
     ):
         raise ConfigError(
-            f"AZURE_OPENAI_TOKEN is set and azproxy would listen on {settings.address} with no client keys: "
-            "anyone who reaches it could spend your Azure quota. Set AZPROXY_API_KEYS or AZPROXY_CLIENTS_FILE, "
+            f"{_server_credential_name(settings)} is set and azproxy would listen on {settings.address} with no "
+            "client keys: anyone who reaches it could spend your Azure quota. Set AZPROXY_API_KEYS or "
+            "AZPROXY_CLIENTS_FILE, "
             "listen on 127.0.0.1 (AZURE_OPENAI_PROXY_ADDRESS), or set AZPROXY_ALLOW_ANONYMOUS=true"
         )
     forward = settings.forward

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Final
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
 
 from .record import RequestRecord
 
@@ -40,6 +48,10 @@ class Metrics:
 
     def __init__(self, multiprocess_dir: Path | None = None) -> None:
         self._multiprocess_dir = multiprocess_dir
+        if multiprocess_dir is not None:
+            # prometheus-client picks its value class when imported; a worker switches it to the shared files
+            # (in PROMETHEUS_MULTIPROC_DIR, which the command line set before any worker started).
+            values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
         registry = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "azproxy_requests",
@@ -145,3 +157,8 @@ class Metrics:
 
 
 METRICS: Final = web.AppKey("azproxy_metrics", Metrics)
+
+
+def forget_worker_metrics(directory: Path, pid: int) -> None:
+    """A worker that ended no longer counts in the live gauges (open streams and tunnels, availability)."""
+    multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]

@@ -165,7 +165,8 @@ async def _open_tunnel(
             client, None
         )  # a blind tunnel counts as one request: its content is unseen
         addresses = await state.resolver.resolve(target.host, target.port, public_only=arrival.public_only)
-        await blind(request, addresses)
+        record = request[RECORD]
+        record.bytes_in, record.bytes_out = await blind(request, addresses)
         return
     context = state.certificate_authority().context_for(target.host)
     await state.tunnels.intercept(request, arrival.inside_tunnel(client), context)

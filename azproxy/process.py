@@ -45,7 +45,8 @@ from aiohttp import web
 
 from .config import Mode, Settings
 from .listener import DRAINING, start_server
-from .server import build_app, new_event_loop, reload_app, tls_context
+from .metrics import forget_worker_metrics
+from .server import build_app, metrics_app, new_event_loop, reload_app, tls_context
 from .settings_table import SETTINGS
 from .state_dir import StateDirError, check_state_dir
 from .systemd import Notifier
@@ -111,11 +112,14 @@ class Controls:
     notifier: Notifier
     #: How a reload reads the settings again; None: SIGHUP is ignored.
     reload_settings: ReloadSettings | None = None
+    #: Where several workers keep their metrics so that any of them reports the whole server.
+    metrics_dir: Path | None = None
 
 
 def run(settings: Settings, controls: Controls) -> None:
     """Serve until SIGTERM or SIGINT, then drain; raises StartupError if azproxy cannot start."""
     notifier, reload_settings = controls.notifier, controls.reload_settings
+    metrics_dir = controls.metrics_dir
     if settings.access.allow_anonymous and settings.has_server_credential and not settings.access.clients:
         log.warning(
             "AZPROXY_ALLOW_ANONYMOUS=true: anyone who reaches %s spends this Azure credential",
@@ -133,7 +137,14 @@ def run(settings: Settings, controls: Controls) -> None:
         else:
             new_ca = _make_shared(settings)  # first: a state directory it cannot use stops start-up
             with _pid_file(pid_file):
-                _Supervisor(settings, notifier, new_ca=new_ca, reload_settings=reload_settings).run()
+                supervisor = _Supervisor(
+                    settings,
+                    notifier,
+                    new_ca=new_ca,
+                    reload_settings=reload_settings,
+                    metrics_dir=metrics_dir,
+                )
+                supervisor.run()
     finally:
         notifier.close()
 
@@ -213,6 +224,7 @@ async def _serve(
     reuse_port: bool,
     reload_settings: ReloadSettings | None = None,
     warn: bool = True,
+    metrics_dir: Path | None = None,
 ) -> None:
     """Listen, serve (reloading on SIGHUP) until SIGTERM or SIGINT, then drain. `warn=False`: a parent has
     already named the restart-only settings a reload would change."""
@@ -221,9 +233,10 @@ async def _serve(
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     context = _tls(settings)
-    app = build_app(settings)
+    app = build_app(settings, metrics_dir=metrics_dir)
     _tune_gc()
     runner = await _listen(app, settings, context, reuse_port=reuse_port)
+    metrics_runner = await _listen_for_metrics(app, settings, reuse_port=reuse_port)
     if reload_settings is not None:  # only now: a reload swaps what start-up made
         reloads = _Reloads(app, settings, lifecycle, reload_settings, warn=warn)
         loop.add_signal_handler(signal.SIGHUP, reloads.start)
@@ -232,6 +245,26 @@ async def _serve(
     DRAINING.set()
     lifecycle.draining()
     await runner.cleanup()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
+
+
+async def _listen_for_metrics(
+    app: web.Application, settings: Settings, *, reuse_port: bool
+) -> web.AppRunner | None:
+    """`/metrics` on AZPROXY_METRICS_ADDRESS, when that is set."""
+    address = settings.metrics_address
+    if not settings.metrics or address is None:
+        return None
+    try:
+        runner, _ = await start_server(
+            metrics_app(app), address.host, address.port, settings.limits, reuse_port=reuse_port
+        )
+    except OSError as exc:
+        raise StartupError(
+            f"AZPROXY_METRICS_ADDRESS: cannot listen on {address} ({exc.strerror or exc})"
+        ) from None
+    return runner
 
 
 class _Reloads:
@@ -454,11 +487,13 @@ class _Supervisor:
         *,
         new_ca: Path | None,
         reload_settings: ReloadSettings | None = None,
+        metrics_dir: Path | None = None,
     ) -> None:
         self._settings = settings
         self._notifier = notifier
         self._new_ca = new_ca
         self._reload_settings = reload_settings
+        self._metrics_dir = metrics_dir
         #: Successful reloads so far; workers forked since start on the settings of the last one.
         self._generation = 0
         #: Workers told to reload that have not reported back yet (systemd hears READY=1 when none is left).
@@ -605,6 +640,7 @@ class _Supervisor:
                             reuse_port=True,
                             reload_settings=self._reload_settings,
                             warn=False,
+                            metrics_dir=self._metrics_dir,
                         )
                     )
                 status = 0
@@ -659,6 +695,8 @@ class _Supervisor:
             if pid == 0:
                 return
             worker = self._workers.pop(pid, None)
+            if self._metrics_dir is not None:
+                forget_worker_metrics(self._metrics_dir, pid)
             if worker is not None:
                 self._exited(worker, wait_status)
                 self._reloaded(pid)

@@ -8,6 +8,7 @@ import logging
 import ssl
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Final
 
 from aiohttp import web
@@ -40,13 +41,17 @@ log = logging.getLogger(__name__)
 
 
 def build_app(
-    settings: Settings, resolver: Resolver | None = None, credential: Credential | None = None
+    settings: Settings,
+    resolver: Resolver | None = None,
+    credential: Credential | None = None,
+    *,
+    metrics_dir: Path | None = None,
 ) -> web.Application:
     """The whole proxy as one aiohttp app. `resolver` lets tests map public host names to loopback;
     `credential` replaces the one settings name (an embedding program's own Entra credential, a test's)."""
     resolver = resolver or Resolver()
     protect_server_log()
-    metrics = Metrics() if settings.metrics else None
+    metrics = Metrics(metrics_dir) if settings.metrics else None
     as_json = settings.log_format is LogFormat.JSON or (
         settings.log_format is LogFormat.AUTO and not sys.stdout.isatty()
     )

@@ -85,7 +85,7 @@ async def start_server(aiohttp_server: ServerFactory) -> ServerFactory:
     """Serve an app the way `azproxy serve` does (aiohttp's test server, too, cancels a handler whose client left)."""
 
     async def start(app: web.Application) -> TestServer:
-        return await aiohttp_server(app)
+        return await aiohttp_server(app, access_log=None)  # azproxy writes its own access log, as in serve
 
     return start
 

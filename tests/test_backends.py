@@ -472,3 +472,20 @@ async def test_realtime_goes_where_routing_sends_it(fleet: Fleet) -> None:
         assert (await ws.receive_json(timeout=5))["type"] == "session.created"
     assert fleet.calls()["east"] == 0
     assert fleet.emulators["west"].last.query["deployment"] == "gpt-4o-realtime-preview"
+
+
+async def test_a_failover_is_one_access_log_line_and_counted(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    await two(fleet)
+    fleet.emulators["east"].fail_next(429, retry_after=2)
+    status, headers, _ = await fleet.post()
+    assert (status, headers["x-azproxy-attempts"]) == (200, "2")
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "azproxy.access"]
+    assert (line["backend"], line["attempts"], line["status"], line["model"]) == ("west", 2, 200, "gpt-4o")
+    assert line["request_id"] == headers["x-azproxy-request-id"]
+    status, _, metrics = await fleet.get("/metrics")
+    text = metrics.decode()
+    assert 'azproxy_failovers_total{model="gpt-4o"} 1.0' in text
+    assert 'azproxy_upstream_attempts_total{backend="east",outcome="429"} 1.0' in text
+    assert 'azproxy_upstream_attempts_total{backend="west",outcome="ok"} 1.0' in text

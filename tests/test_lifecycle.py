@@ -104,6 +104,24 @@ def test_workers_share_the_port_and_a_dead_one_is_restarted(start: Start) -> Non
     assert "restarting it in 0 s" in errors
 
 
+def test_metrics_of_every_worker_on_their_own_address(start: Start) -> None:
+    metrics_port = free_port()
+    process, port = start("--workers", "2", AZPROXY_METRICS_ADDRESS=f"127.0.0.1:{metrics_port}")
+    wait_until(lambda: len(children(process.pid)) == 2)
+    wait_for_port(metrics_port, process)
+    for _ in range(12):  # SO_REUSEPORT spreads new connections over both workers
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+    assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 404  # moved away
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    served = [line for line in text.splitlines() if line.startswith("azproxy_requests_total{")]
+    healthz = [line for line in served if 'model=""' in line and 'status="200"' in line]
+    assert (
+        sum(float(line.rpartition(" ")[2]) for line in healthz) == 12
+    )  # both workers' requests, whichever answers
+    process.terminate()
+    assert process.wait(15) == 0
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sigterm_lets_a_stream_finish_and_refuses_new_connections(start: Start, workers: str) -> None:
     process, port = start("--workers", workers)

@@ -259,3 +259,65 @@ async def test_metrics_need_a_key_when_clients_have_keys(make_proxy: ProxyFactor
     off = await make_proxy(AZPROXY_METRICS="false")
     async with aiohttp.ClientSession() as session, session.get(off.url / "metrics", headers=AUTH) as response:
         assert response.status == 404
+
+
+async def test_a_blind_tunnel_logs_its_bytes_each_way(
+    make_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read(100)
+        writer.write(data * 2)
+        await writer.drain()
+        writer.close()
+
+    target = await asyncio.start_server(echo, "127.0.0.1", 0)
+    target_port = target.sockets[0].getsockname()[1]
+    proxy = await make_proxy(AZPROXY_TUNNEL_ALLOW=f"127.0.0.1:{target_port}")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    writer.write(
+        f"CONNECT 127.0.0.1:{target_port} HTTP/1.1\r\nHost: 127.0.0.1:{target_port}\r\n\r\n".encode()
+    )
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+    writer.write(b"12345")
+    assert await asyncio.wait_for(reader.read(), 5) == b"1234512345"
+    writer.close()
+    for _ in range(200):
+        if access_lines(caplog):
+            break
+        await asyncio.sleep(0.01)
+    target.close()
+    (line,) = access_lines(caplog)
+    assert (line["method"], line["arrival"], line["target"], line["status"]) == (
+        "CONNECT",
+        "blind",
+        f"127.0.0.1:{target_port}",
+        200,
+    )
+    assert (line["bytes_in"], line["bytes_out"]) == (5, 10)
+
+
+def test_azproxy_ca_says_when_it_made_a_new_ca(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from azproxy.cli import main
+
+    monkeypatch.setenv("AZPROXY_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("AZPROXY_ENV_FILE", str(tmp_path / "empty.env"))
+    (tmp_path / "empty.env").write_text("")
+    assert main(["ca", "--pem"]) == 0
+    made = capsys.readouterr()
+    assert made.out.startswith("-----BEGIN CERTIFICATE-----")
+    assert "made a new one" in made.err
+    assert main(["ca", "--pem"]) == 0
+    again = capsys.readouterr()
+    assert again.out == made.out
+    assert again.err == ""
+
+
+def test_the_open_relay_refusal_names_entra_when_entra_is_the_credential() -> None:
+    from azproxy.config import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"^AZPROXY_AUTH=entra is set and azproxy would listen on 0\.0\.0\.0:8080"
+    ):
+        load_settings({"AZURE_OPENAI_ENDPOINT": "https://res.openai.azure.com", "AZPROXY_AUTH": "entra"})

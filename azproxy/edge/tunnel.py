@@ -84,8 +84,9 @@ class Tunnels:
             tls_transport.close()
 
 
-async def blind(request: web.Request, addresses: list[tuple[str, int]]) -> None:
-    """Connect to the first reachable address (502 if none), then pipe bytes both ways until both sides end."""
+async def blind(request: web.Request, addresses: list[tuple[str, int]]) -> tuple[int, int]:
+    """Connect to the first reachable address (502 if none), then pipe bytes both ways until both sides end;
+    returns the bytes that went each way (from the client, to the client)."""
     loop = asyncio.get_running_loop()
     upstream_side = _Pipe()
     upstream: asyncio.Transport | None = None
@@ -111,6 +112,7 @@ async def blind(request: web.Request, addresses: list[tuple[str, int]]) -> None:
         client.close()
         upstream.close()
         forget_connection(request)
+    return client_side.received, upstream_side.received
 
 
 def _raw_transport(request: web.Request) -> asyncio.Transport:
@@ -124,6 +126,8 @@ class _Pipe(asyncio.Protocol):
     """One side of a blind tunnel: what it reads goes to the peer, with back-pressure, and EOF is passed on."""
 
     def __init__(self) -> None:
+        #: Bytes this side read (and passed on to its peer).
+        self.received = 0
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._own: asyncio.Transport | None = None
         self._peer: asyncio.Transport | None = None
@@ -136,6 +140,7 @@ class _Pipe(asyncio.Protocol):
         self._peer_pipe = peer_protocol if isinstance(peer_protocol, _Pipe) else None
 
     def data_received(self, data: bytes) -> None:
+        self.received += len(data)
         if self._peer is not None:
             self._peer.write(data)
 
