@@ -58,6 +58,8 @@ async def start_server(
     """
     handler_args: dict[str, Any] = {
         "access_log": access_log,
+        # Request bodies stay as the client encoded them: forwarded exactly, read from a bounded decoded copy.
+        "auto_decompress": False,
         "keepalive_timeout": limits.keepalive_timeout,
         "max_line_size": limits.max_header_size,
         "max_field_size": limits.max_header_size,

@@ -169,7 +169,10 @@ async def _open_tunnel(
         record.bytes_in, record.bytes_out = await blind(request, addresses)
         return
     context = state.certificate_authority().context_for(target.host)
-    await state.tunnels.intercept(request, arrival.inside_tunnel(client), context)
+    record = request[RECORD]
+    record.bytes_in, record.bytes_out = await state.tunnels.intercept(
+        request, arrival.inside_tunnel(client), context
+    )
 
 
 def _refusal(arrival: Arrival) -> Forbidden:
@@ -223,6 +226,8 @@ async def _send_fixing_parameters(
 
     def fixed(backend: Backend, credential: Mapping[str, str] | None) -> UpstreamRequest:
         upstream_request = translation(backend, credential)
+        if "Content-Encoding" in upstream_request.headers:
+            return upstream_request  # sent exactly as the client compressed it: nothing to adjust in
         known = memory.get(backend.name, deployment_for(plan.model, backend))
         body, made[0] = parameters.apply(upstream_request.body, (*known, *learnt))
         return dataclasses.replace(upstream_request, body=body) if made[0] else upstream_request

@@ -46,6 +46,8 @@ class IncomingRequest:
     body: bytes
     #: azproxy's id for the request, sent to Azure as `x-ms-client-request-id` so both logs name it alike.
     request_id: str | None = None
+    #: The body as the client encoded it (`Content-Encoding: gzip`), when `body` is its decoded copy.
+    sent_body: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +172,7 @@ def to_upstream(
         url = URL(backend.origin + incoming.raw_path, encoded=True)
         headers = copy_headers(incoming.headers, CLIENT_CREDENTIALS if credential else HOP_BY_HOP)
         headers.update(credential or {})
-        return UpstreamRequest(incoming.method, url, headers, incoming.body)
+        return _as_sent(incoming, UpstreamRequest(incoming.method, url, headers, incoming.body))
     operation = plan.operation
     if credential is None:
         if not plan.client_key:
@@ -203,7 +205,18 @@ def to_upstream(
     body = _with_deployment(incoming, operation, plan.model, deployment) if rewrite else incoming.body
     if plan.stream_options is not None:
         body = bodies.set_member(body, "stream_options", plan.stream_options)
-    return UpstreamRequest(incoming.method, url, headers, body)
+    return _as_sent(incoming, UpstreamRequest(incoming.method, url, headers, body))
+
+
+def _as_sent(incoming: IncomingRequest, request: UpstreamRequest) -> UpstreamRequest:
+    """A compressed body goes on exactly as the client sent it, header and bytes, unless the translation
+    changed it; the changed body, made from the decoded copy, then goes without `Content-Encoding`."""
+    if incoming.sent_body is None:
+        return request
+    if request.body is incoming.body:
+        return UpstreamRequest(request.method, request.url, request.headers, incoming.sent_body)
+    request.headers.popall("Content-Encoding", None)
+    return request
 
 
 def route(method: str, path: str) -> Operation:

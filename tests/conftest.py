@@ -17,6 +17,7 @@ from yarl import URL
 from azproxy.config import load_settings
 from azproxy.emulator import Emulator
 from azproxy.server import build_app
+from azproxy.state import STATE
 
 AZURE_KEY = "azure-key-for-tests"
 
@@ -85,7 +86,9 @@ async def start_server(aiohttp_server: ServerFactory) -> ServerFactory:
     """Serve an app the way `azproxy serve` does (aiohttp's test server, too, cancels a handler whose client left)."""
 
     async def start(app: web.Application) -> TestServer:
-        return await aiohttp_server(app, access_log=None)  # azproxy writes its own access log, as in serve
+        # As serve does, azproxy writes its own access log and reads request bodies as the client encoded
+        # them; the emulator and other stand-ins for Azure decode them like any server.
+        return await aiohttp_server(app, access_log=None, auto_decompress=STATE not in app)
 
     return start
 

@@ -179,6 +179,9 @@ async def test_connect_and_requests_inside_tunnels(
         "api.openai.com:443",
         200,
     )
+    # the tunnel's decrypted bytes each way hold the request inside and its answer
+    assert tunnel["bytes_in"] > inside["bytes_in"] > 0
+    assert tunnel["bytes_out"] > inside["bytes_out"] > 0
     assert refused.startswith(b"HTTP/1.1 403 ")
     assert (forbidden["method"], forbidden["target"], forbidden["status"], forbidden["error"]) == (
         "CONNECT",

@@ -7,9 +7,12 @@ import gzip
 import json
 import zlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from azproxy.emulator import Emulator
 from azproxy.state import STATE
@@ -20,12 +23,26 @@ CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "ping"}]}
 HEADERS = {"Authorization": f"Bearer {AZURE_KEY}", "Content-Type": "application/json"}
 
 
+class RawUpstream:
+    """Stands in for Azure and records each request's body bytes as they arrived, undecoded."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, CIMultiDictProxy[str], bytes]] = []
+
+    async def answer(self, request: web.Request) -> web.Response:
+        self.received.append((request.path, request.headers, await request.content.read()))
+        return web.json_response({"id": "c1", "object": "chat.completion", "choices": []})
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
-async def test_compressed_body_is_read_and_forwarded_decoded(
-    proxy: Proxy, emulator: Emulator, encoding: str
+async def test_compressed_body_is_forwarded_exactly_as_sent(
+    aiohttp_server: Any, make_proxy: ProxyFactory, encoding: str
 ) -> None:
-    """aiohttp's server decodes the body while parsing, so azproxy forwards the decoded bytes, without the
-    Content-Encoding that no longer describes them."""
+    upstream = RawUpstream()
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", upstream.answer)
+    server = await aiohttp_server(app, auto_decompress=False)
+    proxy = await make_proxy(AZURE_OPENAI_ENDPOINT=str(server.make_url("")).rstrip("/"))
     raw = json.dumps(CHAT).encode()
     sent = gzip.compress(raw) if encoding == "gzip" else zlib.compress(raw)
     async with (
@@ -35,9 +52,49 @@ async def test_compressed_body_is_read_and_forwarded_decoded(
         ) as response,
     ):
         assert response.status == 200, await response.text()
-    assert emulator.last.body == raw
+    ((path, headers, body),) = upstream.received
+    assert path == "/openai/deployments/gpt-4o/chat/completions"  # the model was read from a decoded copy
+    assert body == sent
+    assert headers["Content-Encoding"] == encoding
+    assert headers["Content-Length"] == str(len(sent))
+
+
+async def test_a_compressed_body_azproxy_must_change_goes_decoded(proxy: Proxy, emulator: Emulator) -> None:
+    """A stream that did not ask for usage gets stream_options added: that body can only go decoded."""
+    raw = json.dumps(CHAT | {"stream": True}).encode()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            proxy.url / "v1/chat/completions",
+            data=gzip.compress(raw),
+            headers=HEADERS | {"Content-Encoding": "gzip"},
+        ) as response,
+    ):
+        assert response.status == 200, await response.text()
+        await response.read()
     assert "Content-Encoding" not in emulator.last.headers
-    assert emulator.last.path == "/openai/deployments/gpt-4o/chat/completions"
+    assert json.loads(emulator.last.body) == CHAT | {
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def test_bodies_in_encodings_azproxy_cannot_read_are_415(proxy: Proxy, emulator: Emulator) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            proxy.url / "v1/chat/completions", data=b"\x00\x01", headers=HEADERS | {"Content-Encoding": "br"}
+        ) as response,
+    ):
+        assert response.status == 415
+        assert (await response.json())["error"]["param"] == "Content-Encoding"
+        garbled = await session.post(
+            proxy.url / "v1/chat/completions",
+            data=b"not gzip",
+            headers=HEADERS | {"Content-Encoding": "gzip"},
+        )
+        assert garbled.status == 400
+    assert emulator.received == []
 
 
 async def test_compression_bomb_gets_413(make_proxy: ProxyFactory, emulator: Emulator) -> None:

@@ -1,25 +1,23 @@
 """Reading a request off the wire once, with the body limit enforced while reading.
 
-aiohttp's server decodes a gzip, deflate, br or zstd body as it parses it, so what is read here is the decoded
-body: it is both what the translator reads the model from and what is forwarded, without the `Content-Encoding`
-that no longer describes it. Its size is checked as it is decoded, so a compression bomb gets 413 like any large
-body. The bytes held by all bodies being read at once are bounded by AZPROXY_MAX_BUFFERED (503 past it).
+azproxy's server leaves request bodies as the client encoded them: a gzip or deflate body is forwarded exactly
+as sent, header and bytes, and the translator reads the model from a decoded copy, whose size is bounded like
+any body's (a compression bomb gets 413). The bytes held by all bodies being read at once are bounded by
+AZPROXY_MAX_BUFFERED (503 past it).
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Final
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 
-from azproxy.errors import PayloadTooLarge, ProxyError
+from azproxy.errors import BadRequest, PayloadTooLarge, ProxyError, UnsupportedMediaType
 from azproxy.record import RECORD
 from azproxy.state import state_of
 from azproxy.translate import IncomingRequest
 
-#: The encodings aiohttp's server decodes while parsing (3.12 to 3.14); others reach azproxy, and Azure, as sent.
-DECODED_BY_SERVER: Final = frozenset({"gzip", "deflate", "br", "zstd"})
 #: What one read from the body asks for at most: a reservation grows by about this much at a time.
 _READ_SIZE: Final = 64 * 1024
 
@@ -51,23 +49,45 @@ async def read_incoming(request: web.Request, max_body: int) -> IncomingRequest:
                 held = len(body)
     finally:
         budget.release(held)
-    headers = request.headers
-    if headers.get("Content-Encoding", "").lower() in DECODED_BY_SERVER:
-        decoded = CIMultiDict(headers)
-        del decoded["Content-Encoding"]
-        headers = CIMultiDictProxy(decoded)
+    sent = bytes(body)
+    decoded = _decoded(sent, request.headers.get("Content-Encoding", ""), max_body)
     url = request.rel_url
     record = request[RECORD]
-    record.bytes_in = len(body)
+    record.bytes_in = len(sent)
     return IncomingRequest(
         method=request.method,
         raw_path=url.raw_path_qs,
         path=url.path,
         query=url.query,
-        headers=headers,
-        body=bytes(body),
+        headers=request.headers,
+        body=sent if decoded is None else decoded,
         request_id=record.request_id,
+        sent_body=None if decoded is None else sent,
     )
+
+
+def _decoded(body: bytes, encoding: str, max_body: int) -> bytes | None:
+    """The decoded copy of a gzip or deflate body (None for an uncompressed one), for reading the model: the
+    body itself goes on as sent. It is bounded like any body (413 for a gzip bomb)."""
+    coding = encoding.strip().lower()
+    if coding in ("", "identity"):
+        return None
+    if coding not in ("gzip", "deflate"):
+        raise UnsupportedMediaType(
+            f"azproxy reads request bodies in gzip or deflate only, not {coding!r}: send one of those or none.",
+            param="Content-Encoding",
+            code="unsupported_content_encoding",
+        )
+    decoder = zlib.decompressobj(wbits=47)  # gzip or zlib framing, told apart by the header
+    try:
+        decoded = decoder.decompress(body, max_body + 1)
+    except zlib.error:
+        raise BadRequest(
+            f"The request body is not valid {coding}.", code="invalid_content_encoding"
+        ) from None
+    if len(decoded) > max_body or decoder.unconsumed_tail:
+        raise _too_large(max_body)
+    return decoded
 
 
 def _too_large(max_body: int) -> PayloadTooLarge:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import Final
+from collections.abc import Iterable
+from typing import Any, Final, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -47,9 +48,11 @@ class Tunnels:
             self._heard.add(handler)
         return arrival
 
-    async def intercept(self, request: web.Request, inside: Arrival, context: ssl.SSLContext) -> None:
+    async def intercept(
+        self, request: web.Request, inside: Arrival, context: ssl.SSLContext
+    ) -> tuple[int, int]:
         """End TLS here with `context` and serve the tunnel's requests, known by `inside`, with a fresh
-        handler of the same app."""
+        handler of the same app; returns the decrypted bytes that went each way (from, to the client)."""
         transport = _raw_transport(request)
         inner = handler_for_tunnel(request)
         watcher = _ClosingWatcher(inner)
@@ -63,14 +66,15 @@ class Tunnels:
             log.debug("TLS handshake in tunnel to %s failed: %s", inside.target, exc)
             transport.close()
             forget_connection(request)
-            return
+            return 0, 0
         if tls_transport is None:
             forget_connection(request)
-            return
+            return 0, 0
         self._open[inner] = inside
         deadline = loop.call_later(self._header_timeout, self._close_if_silent, inner, tls_transport)
+        counted = _CountingTransport(tls_transport)
         try:
-            watcher.connection_made(tls_transport)
+            watcher.connection_made(cast(asyncio.Transport, counted))
             await watcher.closed
         finally:
             deadline.cancel()
@@ -78,6 +82,7 @@ class Tunnels:
             self._heard.discard(inner)
             tls_transport.close()
             forget_connection(request)
+        return watcher.received, counted.sent
 
     def _close_if_silent(self, inner: RequestHandler, tls_transport: asyncio.BaseTransport) -> None:
         if inner not in self._heard:
@@ -181,6 +186,8 @@ class _ClosingWatcher(asyncio.Protocol):
 
     def __init__(self, handler: RequestHandler) -> None:
         self.handler = handler
+        #: Decrypted bytes from the client.
+        self.received = 0
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._early: list[bytes] | None = []
         self._early_eof = False
@@ -196,6 +203,7 @@ class _ClosingWatcher(asyncio.Protocol):
             self.handler.eof_received()
 
     def data_received(self, data: bytes) -> None:
+        self.received += len(data)
         if self._early is not None:
             self._early.append(data)
         else:
@@ -218,3 +226,24 @@ class _ClosingWatcher(asyncio.Protocol):
             self.handler.connection_lost(exc)
         if not self.closed.done():
             self.closed.set_result(None)
+
+
+class _CountingTransport:
+    """The TLS transport as the tunnel's handler sees it: every call passes through, and what is written is
+    counted (for the tunnel's access-log line)."""
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self.sent = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += len(data)
+        cast(asyncio.WriteTransport, self._transport).write(data)
+
+    def writelines(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+        chunks = list(chunks)
+        self.sent += sum(len(chunk) for chunk in chunks)
+        cast(asyncio.WriteTransport, self._transport).writelines(chunks)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
