@@ -542,7 +542,8 @@ class _Supervisor:
         for key, _ in self._selector.select(timeout):
             if key.fd == self._wakeup:
                 self._signals()
-            elif key.data is not None:
+            elif key.data is not None and self._selector.get_map().get(key.fd) is key:
+                # (a worker reaped earlier in this batch has had its pipe closed, or its descriptor reused)
                 self._read(key.data)
         self._timers(time.monotonic())
 

@@ -258,4 +258,4 @@ def test_workers_reload_and_systemd_hears_reloading_then_ready(served: Served) -
         assert served.lines("reloaded the configuration")  # logged by each worker before it reported
         assert {served.model() for _ in range(8)} == {MODEL_OF["gpt-4o-mini"]}
         process.terminate()
-        assert process.wait(10) == 0
+        assert process.wait(10) == 0, served.log.read_text()[-3000:]
