@@ -19,6 +19,7 @@ from yarl import URL
 
 from .setting_values import (
     API_VERSION,
+    HEADER_NAME,
     SECONDS,
     URL_,
     VERSION_OVERRIDES,
@@ -37,7 +38,7 @@ _COMMON_KEYS: Final = frozenset(
 _KEYS: Final[Mapping[Mode, frozenset[str]]] = MappingProxyType(
     {
         Mode.AZURE: _COMMON_KEYS
-        | {"endpoint", "auth", "entra_scope", "api_version", "style", "version_overrides"},
+        | {"endpoint", "auth", "entra_scope", "api_version", "style", "version_overrides", "api_key_header"},
         Mode.OPENAI: _COMMON_KEYS | {"base_url"},
     }
 )
@@ -67,6 +68,8 @@ class BackendSpec:
     connect_timeout: float | None = None
     first_byte_timeout: float | None = None
     idle_timeout: float | None = None
+    #: The header its key goes under (API Management's `Ocp-Apim-Subscription-Key`); None: the global one.
+    api_key_header: str | None = None
 
     @property
     def has_credential(self) -> bool:
@@ -169,6 +172,7 @@ def _backend(index: int, entry: dict[str, Any], path: Path, secret: SecretReader
         connect_timeout=_seconds(where, entry, "connect_timeout"),
         first_byte_timeout=_seconds(where, entry, "first_byte_timeout"),
         idle_timeout=_seconds(where, entry, "idle_timeout"),
+        api_key_header=_optional(where, entry, "api_key_header", HEADER_NAME.read),
     )
 
 

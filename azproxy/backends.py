@@ -6,6 +6,7 @@ Plain data plus a credential; the pool of connections lives in `upstream`, the c
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -15,6 +16,8 @@ from yarl import URL
 from .backend_config import BackendSpec
 from .config import ApiStyle, AuthMode, Mode, Settings
 from .credentials import ApiKey, Credential, EntraToken, default_entra_token
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,8 @@ class Backend:
     connect_timeout: float | None = None
     first_byte_timeout: float | None = None
     idle_timeout: float | None = None
+    #: The header a key goes under: `api-key`, or what API Management in front expects.
+    api_key_header: str = "api-key"
 
     @property
     def origin(self) -> str:
@@ -62,7 +67,7 @@ def backends_from(settings: Settings, credential: Credential | None = None) -> t
     elif settings.azure_endpoint is None:
         raise ValueError("azure mode needs an endpoint")  # load_settings already refuses this for serve
     else:
-        name, base_url = "azure", settings.azure_endpoint
+        name, base_url = "azure", azure_endpoint(settings.azure_endpoint, "AZURE_OPENAI_ENDPOINT")
     return (
         Backend(
             name,
@@ -73,8 +78,24 @@ def backends_from(settings: Settings, credential: Credential | None = None) -> t
             credential or _credential(settings),
             settings.api_style,
             settings.version_overrides,
+            api_key_header=settings.api_key_header,
         ),
     )
+
+
+def azure_endpoint(url: URL, setting: str) -> URL:
+    """The endpoint azproxy appends `/openai/...` to. One that already ends in `/openai` (a copy from the
+    portal) would get it twice, and every request Azure's bare 404: the segment is dropped, with a warning.
+    A path prefix (API Management: `https://NAME.azure-api.net/openai-prod`) is kept."""
+    if not url.path.rstrip("/").endswith("/openai"):
+        return url
+    fixed = url.with_path(url.path.rstrip("/").removesuffix("/openai"))
+    log.warning(
+        "%s ends in /openai, which azproxy adds itself: using %s (change the setting to silence this)",
+        setting,
+        fixed,
+    )
+    return fixed
 
 
 def _from_spec(settings: Settings, spec: BackendSpec, credential: Credential | None) -> Backend:
@@ -85,13 +106,18 @@ def _from_spec(settings: Settings, spec: BackendSpec, credential: Credential | N
         if spec.name in model.deployments
     }
     excludes = frozenset(model.name for model in settings.models if spec.name not in model.deployments)
+    url = (
+        azure_endpoint(spec.url, f"[[backend]] {spec.name!r} endpoint")
+        if spec.kind is Mode.AZURE
+        else spec.url
+    )
     return Backend(
         spec.name,
         spec.kind,
-        spec.url,
+        url,
         spec.api_version or settings.api_version,
         MappingProxyType(dict(settings.model_map) | own),
-        _spec_credential(spec, credential),
+        _spec_credential(spec, credential, settings.api_key_header),
         spec.style or settings.api_style,
         spec.version_overrides if spec.version_overrides is not None else settings.version_overrides,
         weight=spec.weight,
@@ -100,10 +126,11 @@ def _from_spec(settings: Settings, spec: BackendSpec, credential: Credential | N
         connect_timeout=spec.connect_timeout,
         first_byte_timeout=spec.first_byte_timeout,
         idle_timeout=spec.idle_timeout,
+        api_key_header=spec.api_key_header or settings.api_key_header,
     )
 
 
-def _spec_credential(spec: BackendSpec, credential: Credential | None) -> Credential | None:
+def _spec_credential(spec: BackendSpec, credential: Credential | None, header: str) -> Credential | None:
     if spec.auth is AuthMode.ENTRA:
         if credential is not None:
             return credential
@@ -113,7 +140,7 @@ def _spec_credential(spec: BackendSpec, credential: Credential | None) -> Creden
 
         return EntraToken(DefaultAzureCredential(), scope=spec.entra_scope)
     if spec.api_key is not None:
-        return ApiKey(spec.api_key, as_bearer=spec.kind is Mode.OPENAI)
+        return ApiKey(spec.api_key, as_bearer=spec.kind is Mode.OPENAI, header=spec.api_key_header or header)
     return None
 
 
@@ -121,5 +148,7 @@ def _credential(settings: Settings) -> Credential | None:
     if settings.auth is AuthMode.ENTRA and settings.mode is Mode.AZURE:
         return default_entra_token()
     if settings.azure_token is not None:
-        return ApiKey(settings.azure_token, as_bearer=settings.mode is Mode.OPENAI)
+        return ApiKey(
+            settings.azure_token, as_bearer=settings.mode is Mode.OPENAI, header=settings.api_key_header
+        )
     return None

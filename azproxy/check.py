@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Any, Final
 
 import aiohttp
+from yarl import URL
 
 from .backends import Backend, backends_from
 from .config import BUILTIN_MODEL_MAP, ApiStyle, Mode, Secret, Settings
@@ -82,7 +83,12 @@ async def check(settings: Settings, *, key: Secret | None = None, seconds: float
         async with aiohttp.ClientSession(
             connector=connector, timeout=limit, cookie_jar=aiohttp.DummyCookieJar()
         ) as session:
+            configured = _configured_endpoints(settings)
             for backend in backends:
+                problem = _endpoint_problem(backend, configured.get(backend.name))
+                if problem is not None:
+                    rows.append(problem)
+                    continue
                 rows += await _check_backend(session, backend, backend.credential or _key(key, backend))
     finally:
         # Backends may share one credential (an Entra sign-in): close each once.
@@ -118,7 +124,11 @@ def as_table(rows: Sequence[Row]) -> str:
 
 
 def _key(key: Secret | None, backend: Backend) -> Credential | None:
-    return ApiKey(key, as_bearer=backend.kind is Mode.OPENAI) if key is not None else None
+    return (
+        ApiKey(key, as_bearer=backend.kind is Mode.OPENAI, header=backend.api_key_header)
+        if key is not None
+        else None
+    )
 
 
 def _user_models(backend: Backend) -> Mapping[str, str]:
@@ -132,9 +142,6 @@ async def _check_backend(
 ) -> list[Row]:
     if backend.kind is Mode.OPENAI:
         return [await _probe(session, backend, credential, _NO_MODEL, _NO_MODEL, "GET", "/v1/models", None)]
-    problem = _endpoint_problem(backend)
-    if problem is not None:
-        return [problem]
     version = api_version_for(_CHAT, backend)
     if backend.style is ApiStyle.DEPLOYMENTS and not _DATED_VERSION.fullmatch(version):
         return [
@@ -178,19 +185,26 @@ async def _check_backend(
     return rows
 
 
-def _endpoint_problem(backend: Backend) -> Row | None:
-    """The portal shows `https://R.openai.azure.com/openai/...` URLs; azproxy adds `/openai` itself."""
-    path = backend.base_url.path.rstrip("/")
-    if not path:
+def _configured_endpoints(settings: Settings) -> dict[str, URL]:
+    """Each backend's endpoint as written in the settings (backends_from drops a trailing `/openai`)."""
+    if settings.backends:
+        return {spec.name: spec.url for spec in settings.backends if spec.kind is Mode.AZURE}
+    return {"azure": settings.azure_endpoint} if settings.azure_endpoint is not None else {}
+
+
+def _endpoint_problem(backend: Backend, configured: URL | None) -> Row | None:
+    """The portal shows `https://R.openai.azure.com/openai/...` URLs; azproxy adds `/openai` itself and drops a
+    copied one with a warning at start-up, but the setting should say what is meant. A path prefix of API
+    Management (`https://NAME.azure-api.net/openai-prod`) is no problem."""
+    if configured is None or not configured.path.rstrip("/").endswith("/openai"):
         return None
-    root = str(backend.base_url.with_path("/").with_query(None).with_fragment(None)).rstrip("/")
     return Row(
         backend.name,
         _NO_MODEL,
         _NO_MODEL,
         Result.BAD_ENDPOINT,
-        f"the endpoint has the path {path!r}: every request would go to {path}/openai/... and get 404",
-        f"set AZURE_OPENAI_ENDPOINT to {shown(root)}",
+        f"the endpoint ends in /openai, which azproxy adds itself (it uses {shown(backend.origin)} meanwhile)",
+        f"set the endpoint to {shown(backend.origin)}",
     )
 
 

@@ -210,6 +210,8 @@ class Settings:
     forward_response_shape: ResponseShape = DEFAULTS["forward_response_shape"]
     #: Rename or drop parameters a deployment refuses, and remember that per deployment.
     fix_parameters: bool = DEFAULTS["fix_parameters"]
+    #: The header a key goes to Azure under (API Management in front wants its subscription-key header).
+    api_key_header: str = DEFAULTS["api_key_header"]
     #: Ask Azure for token usage at the end of streams.
     stream_usage: bool = DEFAULTS["stream_usage"]
     failover: Failover = Failover()

@@ -29,11 +29,11 @@ class Credential(Protocol):
 
 
 class ApiKey:
-    """A resource key, sent as `api-key` (Azure) or as a bearer (OpenAI)."""
+    """A resource key, sent as `api-key` (Azure; or the header API Management expects) or as a bearer (OpenAI)."""
 
-    def __init__(self, key: Secret, *, as_bearer: bool = False) -> None:
+    def __init__(self, key: Secret, *, as_bearer: bool = False, header: str = "api-key") -> None:
         value = key.reveal()
-        self._headers = {"Authorization": f"Bearer {value}"} if as_bearer else {"api-key": value}
+        self._headers = {"Authorization": f"Bearer {value}"} if as_bearer else {header: value}
 
     async def headers(self) -> Mapping[str, str]:
         return self._headers

@@ -70,6 +70,18 @@ class ResponseShape(StrEnum):
     OPENAI = "openai"
 
 
+#: An HTTP header name (RFC 9110 token).
+HEADER_NAME_PATTERN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def header_name(text: str) -> str:
+    """A header name such as `Ocp-Apim-Subscription-Key`."""
+    name = text.strip()
+    if not HEADER_NAME_PATTERN.fullmatch(name):
+        raise ConfigError(f"{name!r} is not an HTTP header name")
+    return name
+
+
 class LogFormat(StrEnum):
     """`auto`: JSON when stdout is not a terminal (systemd, Docker), readable text when it is."""
 
@@ -358,6 +370,7 @@ URL_: Final = Parser(_url)
 ADDRESS: Final = Parser(parse_address)
 API_VERSION: Final = Parser(_api_version)
 LOG_LEVEL: Final = Parser(_log_level)
+HEADER_NAME: Final = Parser(header_name)
 MODEL_MAP: Final = Parser(parse_model_map, (str, dict))
 VERSION_OVERRIDES: Final = Parser(_version_overrides, (str, dict))
 DNS_NAMES: Final = Parser(_dns_names, (str, list))

@@ -21,6 +21,7 @@ from .setting_values import (
     COUNT_OR_ZERO,
     DNS_NAMES,
     EXISTING_FILE,
+    HEADER_NAME,
     HOST_NAMES,
     LOG_LEVEL,
     MODEL_MAP,
@@ -207,6 +208,10 @@ SETTINGS: Final = (
         "AZPROXY_FIX_PARAMETERS", "azure.fix_parameters", BOOL, "true", field="fix_parameters",
         meaning="rename or drop a parameter a deployment refuses (`max_tokens`, `temperature` on reasoning "
         "models), send again, and remember it for that deployment",
+    ),
+    Setting(
+        "AZPROXY_API_KEY_HEADER", "azure.api_key_header", HEADER_NAME, "api-key", field="api_key_header",
+        meaning="the header a key is sent under; `Ocp-Apim-Subscription-Key` for Azure API Management in front",
     ),
     Setting(
         "AZPROXY_STREAM_USAGE", "azure.stream_usage", BOOL, "true", field="stream_usage",

@@ -180,7 +180,7 @@ def to_upstream(
                 "No API key provided. Send it as 'Authorization: Bearer KEY' or 'api-key: KEY'.",
                 code="missing_api_key",
             )
-        credential = {"api-key": plan.client_key}
+        credential = {backend.api_key_header: plan.client_key}
     deployment = deployment_for(plan.model, backend) if plan.model is not None else None
     headers = copy_headers(incoming.headers, NOT_FOR_AZURE)
     socket = operation.websocket or responses_socket(operation, incoming)
@@ -190,6 +190,7 @@ def to_upstream(
         )
     if operation.name == "realtime/calls" and credential.get("api-key", "").startswith(EPHEMERAL_PREFIX):
         credential = {"Authorization": f"Bearer {credential['api-key']}"}  # Azure reads ek_ keys as bearers
+    headers.popall(backend.api_key_header, None)  # a client's own copy of the key header never passes
     headers.update(credential)
     if incoming.request_id is not None:
         headers["x-ms-client-request-id"] = incoming.request_id

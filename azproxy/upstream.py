@@ -118,7 +118,7 @@ class UpstreamClient:
         if credential is None:
             if not client_key:
                 return None
-            credential = {"api-key": client_key}
+            credential = {backend.api_key_header: client_key}
         try:
             async with self.session.get(
                 backend.origin + path, headers=credential, timeout=aiohttp.ClientTimeout(total=5)

@@ -533,3 +533,94 @@ def test_a_compressed_answer_is_decoded_in_bounded_steps() -> None:
     assert len(tail) == relay.USAGE_TAIL
     assert usage_in_json(bytes(tail)).total == 3
     assert relay._StreamDecoder.for_encoding(["br"]) is None
+
+
+# 4. Azure API Management in front of Azure OpenAI
+
+
+class Recorder:
+    """Stands in for API Management: records each request's path and headers, answers a chat completion."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, str]]] = []
+
+    async def answer(self, request: web.Request) -> web.Response:
+        self.seen.append((request.path, dict(request.headers)))
+        return web.json_response({"id": "c1", "object": "chat.completion", "model": "gpt-4o", "choices": []})
+
+
+async def recorder(start_server: ServerFactory) -> tuple[Recorder, str]:
+    record = Recorder()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record.answer)
+    server = await start_server(app)
+    return record, str(server.make_url("")).rstrip("/")
+
+
+async def test_apim_prefix_is_kept_and_the_key_goes_under_its_header(
+    start_server: ServerFactory, make_proxy: ProxyFactory
+) -> None:
+    apim, base = await recorder(start_server)
+    proxy = await make_proxy(
+        AZURE_OPENAI_ENDPOINT=f"{base}/openai-prod",
+        AZURE_OPENAI_TOKEN=AZURE_KEY,
+        AZPROXY_API_KEY_HEADER="Ocp-Apim-Subscription-Key",
+        AZURE_OPENAI_PROXY_ADDRESS="127.0.0.1:8080",
+    )
+    async with httpx.AsyncClient(base_url=str(proxy.url)) as client:
+        reply = await client.post(
+            "/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": []},
+            headers={"Authorization": "Bearer ignored", "Ocp-Apim-Subscription-Key": "a-client-copy"},
+        )
+    assert reply.status_code == 200
+    ((path, headers),) = apim.seen
+    assert path == "/openai-prod/openai/deployments/gpt-4o/chat/completions"
+    assert headers["Ocp-Apim-Subscription-Key"] == AZURE_KEY  # the server's key, never the client's copy
+    assert "api-key" not in headers
+    assert "Authorization" not in headers
+
+
+async def test_a_forwarded_client_key_and_a_backend_table_use_the_apim_header(
+    start_server: ServerFactory, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    apim, base = await recorder(start_server)
+    forwarding = await make_proxy(
+        AZURE_OPENAI_ENDPOINT=base, AZPROXY_API_KEY_HEADER="Ocp-Apim-Subscription-Key"
+    )
+    async with httpx.AsyncClient(base_url=str(forwarding.url)) as client:
+        await client.post("/v1/chat/completions", json={"model": "gpt-4o"}, headers={"api-key": "client-own"})
+    assert apim.seen[-1][1]["Ocp-Apim-Subscription-Key"] == "client-own"
+    config = tmp_path / "azproxy.toml"
+    config.write_text(
+        f'[[backend]]\nname = "apim"\nendpoint = "{base}/gw"\napi_key = "env:APIM_KEY"\n'
+        'api_key_header = "Ocp-Apim-Subscription-Key"\n'
+    )
+    table = await make_proxy(
+        AZPROXY_CONFIG=str(config), APIM_KEY=AZURE_KEY, AZURE_OPENAI_PROXY_ADDRESS="127.0.0.1:8080"
+    )
+    async with httpx.AsyncClient(base_url=str(table.url)) as client:
+        await client.post("/v1/chat/completions", json={"model": "gpt-4o"}, headers={"api-key": "ignored"})
+    path, headers = apim.seen[-1]
+    assert path == "/gw/openai/deployments/gpt-4o/chat/completions"
+    assert headers["Ocp-Apim-Subscription-Key"] == AZURE_KEY
+    assert "api-key" not in headers
+
+
+async def test_an_endpoint_copied_with_openai_is_recognised(
+    make_proxy: ProxyFactory,
+    emulator_server: TestServer,
+    emulator: Emulator,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    endpoint = str(emulator_server.make_url("")).rstrip("/") + "/openai/"
+    proxy = await make_proxy(AZURE_OPENAI_ENDPOINT=endpoint)
+    async with httpx.AsyncClient(base_url=str(proxy.url)) as client:
+        reply = await client.post(
+            "/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]},
+            headers={"Authorization": f"Bearer {AZURE_KEY}"},
+        )
+    assert reply.status_code == 200
+    assert emulator.last.path == "/openai/deployments/gpt-4o/chat/completions"  # not /openai/openai/...
+    assert any("ends in /openai" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
