@@ -9,7 +9,6 @@ resolving to 127.0.0.1) from turning a page into a same-origin client.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -19,6 +18,7 @@ from multidict import CIMultiDictProxy
 from .addresses import is_loopback
 from .config import Settings
 from .errors import BadRequest, Forbidden
+from .headers import HEADER_NAME
 
 #: Every header azproxy's answers carry that browser JavaScript may want to read (OpenAI's SDKs do).
 EXPOSED_HEADERS: Final = (
@@ -40,8 +40,6 @@ EXPOSED_HEADERS: Final = (
 )
 _DEFAULT_PORTS: Final = {"http": ":80", "https": ":443"}
 _ANY: Final = "*"
-#: A header name (RFC 9110 token): nothing else is ever echoed into Access-Control-Allow-Headers.
-_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +93,7 @@ class BrowserPolicy:
 def preflight_headers(headers: CIMultiDictProxy[str]) -> list[str]:
     """The header names a preflight asked for that are header names at all (an answered origin may send them)."""
     asked = headers.get("Access-Control-Request-Headers", "")
-    return [name for name in (h.strip().lower() for h in asked.split(",")) if _HEADER_NAME.fullmatch(name)]
+    return [name for name in (h.strip().lower() for h in asked.split(",")) if HEADER_NAME.fullmatch(name)]
 
 
 def bare_host(value: str) -> str:

@@ -5,6 +5,7 @@ The translator, the relay and the WebSocket bridge all copy headers; the lists o
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -38,6 +39,9 @@ NOT_FOR_AZURE: Final = CLIENT_CREDENTIALS | frozenset({"openai-organization", "o
 KEY_SUBPROTOCOL: Final = "openai-insecure-api-key."
 
 _SUBPROTOCOL_HEADER: Final = "Sec-WebSocket-Protocol"
+
+#: A header name (RFC 9110 token).
+HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def copy_headers(headers: CIMultiDictProxy[str], dropped: frozenset[str]) -> CIMultiDict[str]:

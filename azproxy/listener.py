@@ -45,7 +45,6 @@ async def start_server(
     limits: Limits,
     *,
     ssl_context: ssl.SSLContext | None = None,
-    access_log: logging.Logger | None = None,
     trusted_proxies: Collection[IPNetwork] = (),
     reuse_port: bool = False,
     backlog: int = LISTEN_BACKLOG,
@@ -57,7 +56,7 @@ async def start_server(
     `reuse_port` lets several processes listen on the one port (SO_REUSEPORT), the kernel sharing connections.
     """
     handler_args: dict[str, Any] = {
-        "access_log": access_log,
+        "access_log": None,  # azproxy writes its own, one line per request (observe.py)
         # Request bodies stay as the client encoded them: forwarded exactly, read from a bounded decoded copy.
         "auto_decompress": False,
         "keepalive_timeout": limits.keepalive_timeout,

@@ -10,9 +10,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from .edge.aiohttp_seam import request_key
 from .usage import NO_USAGE, TokenUsage
 
 if TYPE_CHECKING:
@@ -71,10 +71,7 @@ def request_id_for(headers: CIMultiDictProxy[str]) -> str:
     return str(uuid.uuid4())
 
 
-#: aiohttp 3.13 added typed request keys and warns about plain strings; older versions know only strings.
-RECORD: Final[web.RequestKey[RequestRecord]] = (
-    web.RequestKey("azproxy_record", RequestRecord) if hasattr(web, "RequestKey") else "azproxy_record"  # type: ignore[assignment]
-)
+RECORD: Final = request_key("azproxy_record", RequestRecord)
 
 
 def note_upstream(record: RequestRecord, sent: Sent, model: str | None, waited: float) -> None:

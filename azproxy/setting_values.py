@@ -17,6 +17,7 @@ from typing import Final, Generic, TypeVar
 
 from yarl import URL
 
+from .headers import HEADER_NAME as HEADER_PATTERN
 from .operations import OPERATIONS
 
 #: Azure spells the gpt-3.5 family without the dot; these are added to (and overridden by) the user's mapper.
@@ -70,14 +71,10 @@ class ResponseShape(StrEnum):
     OPENAI = "openai"
 
 
-#: An HTTP header name (RFC 9110 token).
-HEADER_NAME_PATTERN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-
 def header_name(text: str) -> str:
     """A header name such as `Ocp-Apim-Subscription-Key`."""
     name = text.strip()
-    if not HEADER_NAME_PATTERN.fullmatch(name):
+    if not HEADER_PATTERN.fullmatch(name):
         raise ConfigError(f"{name!r} is not an HTTP header name")
     return name
 

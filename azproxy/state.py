@@ -12,6 +12,7 @@ from aiohttp import web
 from .access import Admission
 from .browser import BrowserPolicy
 from .config import Settings
+from .edge.aiohttp_seam import request_key
 from .edge.tunnel import Tunnels
 from .errors import ServiceUnavailable
 from .listing import DeploymentListing
@@ -204,10 +205,7 @@ if TYPE_CHECKING:
 
 STATE = web.AppKey("azproxy_state", LiveState)
 
-#: The snapshot a request pinned as it arrived (`attach_arrival`); aiohttp 3.13 added typed request keys.
-SNAPSHOT: Final[web.RequestKey[ProxyState]] = (
-    web.RequestKey("azproxy_snapshot", ProxyState) if hasattr(web, "RequestKey") else "azproxy_snapshot"  # type: ignore[assignment]
-)
+SNAPSHOT: Final = request_key("azproxy_snapshot", ProxyState)
 
 
 def state_of(request: web.Request) -> ProxyState:

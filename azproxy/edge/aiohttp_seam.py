@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import yarl
 from aiohttp import web
@@ -238,3 +238,14 @@ def answer_started(request: web.BaseRequest) -> bool:
     `output_size` is declared on the documented AbstractStreamWriter (3.12.15 to 3.14.5).
     """
     return request.writer.output_size > 0
+
+
+_Value = TypeVar("_Value")
+
+
+def request_key(name: str, kind: type[_Value]) -> web.RequestKey[_Value]:
+    """A typed key for values stored on a request. aiohttp 3.14 added `web.RequestKey` and warns about plain
+    string keys; 3.13 knows only strings, which behave the same there."""
+    if hasattr(web, "RequestKey"):
+        return web.RequestKey(name, kind)
+    return name  # type: ignore[return-value]

@@ -9,6 +9,7 @@ from typing import Final
 from aiohttp import web
 
 from azproxy.clients import Client
+from azproxy.edge.aiohttp_seam import request_key
 
 
 class ArrivalKind(StrEnum):
@@ -73,10 +74,7 @@ class Arrival:
 
 REVERSE: Final = Arrival(ArrivalKind.REVERSE)
 
-#: aiohttp 3.13 added typed request keys and warns about plain strings; older versions know only strings.
-ARRIVAL: Final[web.RequestKey[Arrival]] = (
-    web.RequestKey("azproxy_arrival", Arrival) if hasattr(web, "RequestKey") else "azproxy_arrival"  # type: ignore[assignment]
-)
+ARRIVAL: Final = request_key("azproxy_arrival", Arrival)
 
 
 def arrival_of(request: web.Request) -> Arrival:

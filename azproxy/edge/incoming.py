@@ -13,7 +13,7 @@ from typing import Final
 
 from aiohttp import web
 
-from azproxy.errors import BadRequest, PayloadTooLarge, ProxyError, UnsupportedMediaType
+from azproxy.errors import BadRequest, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType
 from azproxy.record import RECORD
 from azproxy.state import state_of
 from azproxy.translate import IncomingRequest
@@ -22,19 +22,12 @@ from azproxy.translate import IncomingRequest
 _READ_SIZE: Final = 64 * 1024
 
 
-class Overloaded(ProxyError):
-    """Too many bodies are being read at once: the client may retry (`Retry-After`), it did nothing wrong."""
-
-    status = 503
-    error_type = "server_error"
-
-
 async def read_incoming(request: web.Request, max_body: int) -> IncomingRequest:
     declared = request.content_length
     if declared is not None and declared > max_body:
         raise _too_large(max_body)
     budget = state_of(request).bodies
-    held = declared or 0  # reserved up front, then grown as the body (decoded) outgrows it
+    held = declared or 0  # reserved up front, then grown as the body outgrows it
     if not budget.reserve(held):
         raise _overloaded()
     body = bytearray()
@@ -97,8 +90,8 @@ def _too_large(max_body: int) -> PayloadTooLarge:
     )
 
 
-def _overloaded() -> Overloaded:
-    return Overloaded(
+def _overloaded() -> ServiceUnavailable:
+    return ServiceUnavailable(
         "azproxy is reading too many request bodies at once (AZPROXY_MAX_BUFFERED); retry shortly.",
         code="server_busy",
         headers={"Retry-After": "1"},
