@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -149,3 +150,27 @@ async def test_trusted_proxies_only_count_against_the_global_cap(serve: Serve) -
     assert await served(port, "127.0.0.3")
     for _, writer in first:
         writer.close()
+
+
+async def test_client_gone_while_its_answer_is_written_is_no_error(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client whose connection closes while its answer is written (aiohttp's writer raises
+    ClientConnectionResetError) left of its own accord: a debug line, never aiohttp's ERROR with a traceback."""
+
+    async def gone(_request: web.Request) -> web.Response:
+        raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+
+    app = web.Application()
+    app.router.add_get("/gone", gone)
+    runner, port = await start_server(app, "127.0.0.1", 0, QUICK)
+    caplog.set_level(logging.DEBUG)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /gone HTTP/1.1\r\nHost: x\r\n\r\n")
+        await until_closed(reader, 3)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any("client left before its answer was written" in r.getMessage() for r in caplog.records)

@@ -125,6 +125,11 @@ class OpenAIErrorsHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
+        if isinstance(exc, ConnectionError):
+            # The client left while its answer was being written: its own business, never an ERROR line.
+            log.debug("client left before its answer was written: %s", type(exc).__name__)
+            self.force_close()
+            return web.Response(status=status)
         if status >= 500 or answer_started(request):
             return super().handle_error(request, status, exc, message)
         return malformed_request(type(exc).__name__ if exc is not None else "error")
