@@ -121,6 +121,8 @@ class GuessingGuard:
             del self._records[next(iter(self._records))]
 
     def _is_trusted(self, address: str) -> bool:
+        if not self._trusted:
+            return False  # the common case, without parsing the address on every request
         try:
             ip = ipaddress.ip_address(address.partition("%")[0])
         except ValueError:

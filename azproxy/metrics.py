@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client import (
@@ -40,6 +40,11 @@ _OPERATIONS: Final = {
     "responses": "chat",
 }
 
+#: Distinct model names counted under their own label: past this many, further names count as `other`, so a
+#: client naming random models cannot grow the registry (and `/metrics`) without bound.
+MAX_MODELS: Final = 1000
+OTHER_MODEL: Final = "other"
+
 AvailableBackends = Callable[[], Iterable[tuple[str, bool]]]
 
 
@@ -53,6 +58,10 @@ class Metrics:
             # (in PROMETHEUS_MULTIPROC_DIR, which the command line set before any worker started).
             values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
         registry = self.registry = CollectorRegistry(auto_describe=True)
+        #: Labelled children by (metric, *label values): prometheus-client's labels() costs more than the
+        #: increment it leads to, on every request.
+        self._children: dict[tuple[object, ...], Any] = {}
+        self._models: set[str] = set()
         self.requests = Counter(
             "azproxy_requests",
             "Requests answered.",
@@ -124,28 +133,44 @@ class Metrics:
 
     def observe(self, record: RequestRecord, duration: float) -> None:
         """Counts one finished request."""
-        model, backend = record.model or "", record.backend or ""
-        self.requests.labels(record.arrival, model, backend, str(record.status or 0)).inc()
-        self.duration.labels(model, backend).observe(duration)
+        model, backend = self._model_label(record.model or ""), record.backend or ""
+        child = self._child
+        child(self.requests, record.arrival, model, backend, str(record.status or 0)).inc()
+        child(self.duration, model, backend).observe(duration)
         if record.ttfb is not None:
-            self.ttfb.labels(model, backend).observe(record.ttfb)
+            child(self.ttfb, model, backend).observe(record.ttfb)
         self.overhead.observe(max(duration - record.upstream_wait, 0.0))
         if record.attempts > 1:
-            self.failovers.labels(model).inc()
+            child(self.failovers, model).inc()
         usage, client = record.usage, record.client or ""
         for kind, tokens in (("input", usage.prompt), ("output", usage.completion)):
             if tokens:
-                self.tokens.labels(model, client, kind).inc(tokens)
+                child(self.tokens, model, client, kind).inc(tokens)
         operation = _OPERATIONS.get(record.path.removeprefix("/v1/").lstrip("/"))
         if operation is None or record.model is None:
             return
-        self.operation_duration.labels(operation, PROVIDER, model).observe(duration)
+        child(self.operation_duration, operation, PROVIDER, model).observe(duration)
         for kind, tokens in (("input", usage.prompt), ("output", usage.completion)):
             if tokens is not None:
-                self.token_usage.labels(operation, PROVIDER, model, kind).observe(tokens)
+                child(self.token_usage, operation, PROVIDER, model, kind).observe(tokens)
 
     def count_attempt(self, backend: str, outcome: str) -> None:
-        self.attempts.labels(backend, outcome).inc()
+        self._child(self.attempts, backend, outcome).inc()
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def _model_label(self, model: str) -> str:
+        if model in self._models:
+            return model
+        if len(self._models) >= MAX_MODELS:
+            return OTHER_MODEL
+        self._models.add(model)
+        return model
 
     def render(self) -> bytes:
         """The text exposition of the whole server."""

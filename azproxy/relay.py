@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDict
 
+from .connections import Answer
 from .errors import BadGateway, GatewayTimeout, ProxyError
 from .headers import HOP_BY_HOP, copy_headers
 from .record import RECORD
@@ -66,7 +67,7 @@ class _Tally:
 
 async def relay(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: Answer,
     *,
     extra_headers: Mapping[str, str] | None = None,
     on_usage: UsageReport | None = None,
@@ -101,7 +102,7 @@ async def relay(
 
 async def _relay(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: Answer,
     extra_headers: Mapping[str, str] | None,
     rewrite: Rewrite | None,
     tally: _Tally,
@@ -178,7 +179,7 @@ async def _relay(
 
 
 def _whole_response(
-    upstream: aiohttp.ClientResponse,
+    upstream: Answer,
     headers: CIMultiDict[str],
     body: bytes,
     rewrite: Rewrite | None,
@@ -201,7 +202,7 @@ def _whole_response(
     return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
 
 
-async def _read_whole(upstream: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+async def _read_whole(upstream: Answer, limit: int) -> tuple[bytes, bool]:
     """The answer and True, or its first `limit` bytes or so and False when it is longer (the rest is left to
     stream). Nothing has been sent yet, so a failure can still be a proper 502 or 504."""
     body = bytearray()
@@ -222,7 +223,7 @@ async def _read_whole(upstream: aiohttp.ClientResponse, limit: int) -> tuple[byt
 
 async def _pipe_bytes(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: Answer,
     response: web.StreamResponse,
     tail: bytearray | None,
     tally: _Tally,
@@ -245,7 +246,7 @@ async def _pipe_bytes(
 
 
 async def _pipe_events(
-    upstream: aiohttp.ClientResponse,
+    upstream: Answer,
     response: web.StreamResponse,
     tally: _Tally,
     reshaper: EventReshaper | None,
@@ -311,7 +312,7 @@ def _note(request: web.Request, tally: _Tally) -> None:
         record.chunks = tally.meter.events
 
 
-def replay(upstream: aiohttp.ClientResponse, body: bytes) -> None:
+def replay(upstream: Answer, body: bytes) -> None:
     """Put back a whole body read ahead (a refusal the pipeline looked at), so the relay reads it as it came."""
     loop = asyncio.get_running_loop()
     content = aiohttp.StreamReader(BaseProtocol(loop), 2**16, loop=loop)

@@ -4,7 +4,6 @@ send the same request (its body is in memory) to the next backend."""
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from aiohttp import hdrs
 
 from .backends import Backend
 from .config import Failover, Timeouts
+from .connections import Answer, Connections
 from .errors import BadGateway, GatewayTimeout, ProxyError
 from .resolver import AiohttpResolver
 from .routing import ATTEMPTS_HEADER, BACKEND_HEADER, Router, Target
@@ -29,7 +29,6 @@ Translation = Callable[[Backend, Mapping[str, str] | None], UpstreamRequest]
 # aiohttp adds these on its own; a proxy must send only what the client sent (an unasked-for gzip answer would
 # reach a client that cannot read it, since bodies are relayed undecoded).
 _NO_AUTO_HEADERS = frozenset({hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE})
-_LARGE_BODY = 1024 * 1024
 #: Answers that say "not now, not here": the next backend may do better.
 _FAILING: Final = frozenset({500, 502, 503, 504})
 
@@ -38,7 +37,7 @@ _FAILING: Final = frozenset({500, 502, 503, 504})
 class Sent:
     """An answer at its status line, the backend that gave it and how many backends were tried for it."""
 
-    response: aiohttp.ClientResponse
+    response: Answer
     backend: Backend
     attempts: int
 
@@ -50,7 +49,8 @@ class Sent:
 
 
 class UpstreamClient:
-    """Owns the connection pool and the router; created once at start-up, closed at shutdown."""
+    """Owns the connection pool and the router; created once at start-up, closed at shutdown. Proxied requests
+    go through `Connections`; the ClientSession serves WebSocket bridges and azproxy's own small GETs."""
 
     def __init__(
         self,
@@ -69,6 +69,7 @@ class UpstreamClient:
             total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
         )
         self._session: aiohttp.ClientSession | None = None
+        self._connections = Connections(resolver)
         #: Told each attempt's backend and outcome (metrics); None: nobody listens.
         self.on_attempt: Callable[[str, str], None] | None = None
 
@@ -83,6 +84,7 @@ class UpstreamClient:
         )
 
     async def close(self) -> None:
+        await self._connections.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -211,27 +213,25 @@ class UpstreamClient:
             label = "429" if outcome == 429 else "5xx" if outcome in _FAILING else "ok"
         self.on_attempt(backend.name, label)
 
-    async def _attempt(self, translation: Translation, backend: Backend) -> aiohttp.ClientResponse:
+    async def _attempt(self, translation: Translation, backend: Backend) -> Answer:
         """One request to one backend, bounded by its timeouts: connect, then the answer's first byte; once the
         answer has started, only the gap between two chunks."""
         request = translation(backend, await _credential_headers(backend))
         request.headers.popall(BACKEND_HEADER, None)
         timeouts = self._timeouts
         first_byte = backend.first_byte_timeout or timeouts.first_byte or timeouts.read
-        response = await self.session.request(
+        if self._session is None:
+            raise RuntimeError("UpstreamClient.start() was not awaited")
+        answer = await self._connections.request(
             request.method,
             request.url,
-            headers=request.headers,
-            data=_payload(request.body),
-            allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=backend.connect_timeout or timeouts.connect, sock_read=first_byte
-            ),
+            request.headers,
+            request.body,
+            connect_timeout=backend.connect_timeout or timeouts.connect,
+            first_byte_timeout=first_byte,
         )
-        connection = response.connection
-        if connection is not None and connection.protocol is not None:
-            connection.protocol.read_timeout = backend.idle_timeout or timeouts.read
-        return response
+        answer.set_idle_timeout(backend.idle_timeout or timeouts.read)
+        return answer
 
 
 def _failure(backend: Backend, exc: BaseException) -> ProxyError:
@@ -251,10 +251,3 @@ def _failure(backend: Backend, exc: BaseException) -> ProxyError:
 async def _credential_headers(backend: Backend) -> Mapping[str, str] | None:
     """The backend's server-side auth headers; None means the client's own key is to be used."""
     return await backend.credential.headers() if backend.credential is not None else None
-
-
-def _payload(body: bytes) -> bytes | io.BytesIO | None:
-    """Large bodies go as BytesIO, which aiohttp writes in slices (it warns about big raw bytes); no copy is made."""
-    if len(body) > _LARGE_BODY:
-        return io.BytesIO(body)
-    return body or None

@@ -9,6 +9,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -19,9 +20,11 @@ from azproxy.edge.aiohttp_seam import (
     HandlerFactory,
     OpenAIErrorsHandler,
     answer_started,
+    await_response,
     forget_connection,
     guard_requests,
     handler_for_tunnel,
+    new_response_protocol,
     request_target,
 )
 from azproxy.listener import start_server
@@ -243,3 +246,41 @@ async def test_hooks_see_every_step_of_a_connection() -> None:
     finally:
         listening.close()
         await runner.cleanup()
+
+
+async def test_response_protocol_parses_an_answer_and_keeps_its_read_timeout() -> None:
+    """The client protocol the pool uses: armed for one answer, it yields its head and body as aiohttp's
+    connector would, says when the connection can carry another request, and times out a silent backend."""
+    requests: list[bytes] = []
+    finished = asyncio.Event()
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            requests.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(b"HTTP/1.1 201 Made\r\nContent-Length: 2\r\nX-A: b\r\n\r\nok")
+            requests.append(await reader.readuntil(b"\r\n\r\n"))  # and never answers the second
+            await reader.read()
+        finally:
+            writer.close()
+            finished.set()
+
+    server = await asyncio.start_server(backend, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_connection(lambda: new_response_protocol(loop), "127.0.0.1", port)
+    transport = protocol.transport
+    assert transport is not None
+    send = lambda: transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # noqa: E731
+    message, payload = await await_response(
+        protocol, send, skip_payload=False, read_timeout=5, read_bufsize=2**16
+    )
+    assert (message.code, message.reason, message.headers["X-A"]) == (201, "Made", "b")
+    assert await payload.read() == b"ok"
+    assert protocol.is_connected()
+    assert not protocol.should_close
+    with pytest.raises(aiohttp.ServerTimeoutError):
+        await await_response(protocol, send, skip_payload=False, read_timeout=0.2, read_bufsize=2**16)
+    assert len(requests) == 2
+    protocol.close()
+    await asyncio.wait_for(finished.wait(), 5)
+    server.close()

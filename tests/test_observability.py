@@ -18,6 +18,8 @@ from azproxy.accesslog import FIELDS
 from azproxy.config import load_settings
 from azproxy.edge.certs import CertificateAuthority
 from azproxy.emulator import Emulator
+from azproxy.metrics import MAX_MODELS, OTHER_MODEL, Metrics
+from azproxy.record import RequestRecord
 from azproxy.server import build_app
 
 from .conftest import AZURE_KEY, SECRETS, Proxy, ProxyFactory, ServerFactory
@@ -324,3 +326,29 @@ def test_the_open_relay_refusal_names_entra_when_entra_is_the_credential() -> No
         ConfigError, match=r"^AZPROXY_AUTH=entra is set and azproxy would listen on 0\.0\.0\.0:8080"
     ):
         load_settings({"AZURE_OPENAI_ENDPOINT": "https://res.openai.azure.com", "AZPROXY_AUTH": "entra"})
+
+
+def test_model_labels_are_bounded_against_clients_naming_random_models() -> None:
+    """Past MAX_MODELS distinct names, further models count as `other`: the registry cannot grow without
+    bound, and the models already seen keep their own series."""
+    metrics = Metrics()
+    for index in range(MAX_MODELS + 50):
+        record = RequestRecord("id", "POST", "/v1/chat/completions", 0.0, model=f"model-{index}", status=404)
+        metrics.observe(record, 0.01)
+    metrics.observe(
+        RequestRecord("id", "POST", "/v1/chat/completions", 0.0, model="model-0", status=200), 0.01
+    )
+    text = metrics.render().decode()
+    models = set(re.findall(r'azproxy_requests_total\{[^}]*model="([^"]+)"', text))
+    assert len(models) == MAX_MODELS + 1
+    assert OTHER_MODEL in models
+    assert "model-0" in models
+    assert f"model-{MAX_MODELS}" not in models
+    assert (
+        sample(text, "azproxy_requests_total", arrival="reverse", model=OTHER_MODEL, backend="", status="404")
+        == 50
+    )
+    assert (
+        sample(text, "azproxy_requests_total", arrival="reverse", model="model-0", backend="", status="200")
+        == 1
+    )

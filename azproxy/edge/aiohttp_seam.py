@@ -9,6 +9,9 @@ Every connection of azproxy's listener is served by `OpenAIErrorsHandler`, const
 for the AppRunner's public `server` (aiohttp has no hook for the handler class; the factory is the
 `protocol_factory` given to `loop.create_server`). The handler answers requests too malformed to route in
 OpenAI's JSON shape: aiohttp's own text/plain answer quotes the offending bytes, which may hold a key.
+
+On the client side, azproxy's connection pool (connections.py) speaks through aiohttp's own response protocol
+(`ResponseHandler`, with its C parser, read timeouts and flow control) without a ClientSession around it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from typing import Any, Protocol, TypeVar
 
 import yarl
 from aiohttp import web
-from aiohttp.http import RawRequestMessage
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http import RawRequestMessage, RawResponseMessage
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -254,3 +259,44 @@ def request_key(name: str, kind: type[_Value]) -> web.RequestKey[_Value]:
     if hasattr(web, "RequestKey"):
         return web.RequestKey(name, kind)
     return name  # type: ignore[return-value]
+
+
+#: A connection to a backend: aiohttp's client protocol, which parses answers into a head and a StreamReader.
+ResponseProtocol = ResponseHandler
+
+
+def new_response_protocol(loop: asyncio.AbstractEventLoop) -> ResponseProtocol:
+    """The protocol for a new upstream connection (`loop.create_connection`'s factory).
+
+    Private: aiohttp.client_proto is not documented API; ResponseHandler(loop) is how its connector makes one
+    (3.13.4 to 3.14.5). Its `should_close`, `is_connected()`, `close()` and `read_timeout` are what the
+    connector itself uses to pool it.
+    """
+    return ResponseHandler(loop)
+
+
+async def await_response(
+    protocol: ResponseProtocol,
+    send: Callable[[], None],
+    *,
+    skip_payload: bool,
+    read_timeout: float | None,
+    read_bufsize: int,
+) -> tuple[RawResponseMessage, StreamReader]:
+    """Arm `protocol` for one answer, `send` the request, and wait for the answer's head.
+
+    Private: the same three calls aiohttp's ClientSession makes on a pooled connection (set_response_params,
+    start_timeout once the request is written, then read), checked on 3.13.4 to 3.14.5. The body is read until
+    the connection closes when the answer has neither a length nor chunks (read_until_eof), and never decoded.
+    """
+    protocol.set_response_params(
+        skip_payload=skip_payload,
+        read_until_eof=True,
+        auto_decompress=False,
+        read_timeout=read_timeout,
+        read_bufsize=read_bufsize,
+    )
+    send()
+    protocol.start_timeout()
+    message, payload = await protocol.read()
+    return message, payload
