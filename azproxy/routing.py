@@ -89,6 +89,8 @@ def retry_after(headers: Mapping[str, str], now: float) -> float | None:
 
 #: A backend's 429s are logged at most once in this many seconds.
 THROTTLE_LOG_INTERVAL: Final = 10.0
+#: Models whose backend count `Router.limit` remembers before it starts afresh.
+_MAX_MODELS_REMEMBERED: Final = 1024
 
 
 @dataclass(slots=True)
@@ -128,6 +130,8 @@ class Router:
         self._cooling: dict[tuple[str, str | None], float] = {}
         #: Smooth weighted round-robin state per set of eligible backends (a handful of sets in practice).
         self._current: dict[tuple[str, ...], dict[str, int]] = {}
+        #: How many backends serve a model, per model asked for (bounded: clients name the models).
+        self._serving: dict[str | None, int] = {}
 
     @property
     def primary(self) -> Backend:
@@ -138,7 +142,13 @@ class Router:
         """How many backends one request may try."""
         if self.pinned(target) is not None:
             return 1
-        candidates = sum(1 for backend in self.backends if backend.serves(target.model))
+        candidates = self._serving.get(target.model)
+        if candidates is None:
+            if len(self._serving) >= _MAX_MODELS_REMEMBERED:
+                self._serving.clear()
+            candidates = self._serving[target.model] = sum(
+                1 for backend in self.backends if backend.serves(target.model)
+            )
         return min(candidates, self._failover.max_attempts or candidates)
 
     def pinned(self, target: Target) -> Backend | None:

@@ -163,6 +163,8 @@ class StreamMeter:
         return rest if self._hide else b""
 
     def _scan(self, events: bytes) -> bytes:
+        if not _USAGE_OBJECT.search(events):  # the common chunk: only `"usage": null` members to take out
+            return _NULL_USAGE.sub(b"", events) if self._hide else events
         pieces, position = [], 0
         for end in [*_EVENT_END.finditer(events), None]:
             stop = end.end() if end is not None else len(events)
