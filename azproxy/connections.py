@@ -172,8 +172,15 @@ class Connections:
         now = time.monotonic()
         while idle and not fresh:
             entry = idle.pop()
-            if now - entry.since < KEEPALIVE_SECONDS and entry.protocol.is_connected():
-                return entry.protocol, True
+            protocol = entry.protocol
+            # should_close also says the backend sent something while the connection was idle: bytes no
+            # request asked for, which must never be read as the next request's answer.
+            if (
+                now - entry.since < KEEPALIVE_SECONDS
+                and protocol.is_connected()
+                and not protocol.should_close
+            ):
+                return protocol, True
             entry.protocol.close()
         async with asyncio.timeout(connect_timeout):
             return await self._connect(origin), False

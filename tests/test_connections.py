@@ -29,8 +29,8 @@ CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}
 ANSWER = json.dumps({"id": "c", "object": "chat.completion", "choices": []}).encode()
 HEADERS = {"Authorization": f"Bearer {AZURE_KEY}"}
 
-#: What a connection does with its n-th request (0-based): answer it whole, answer without a length and close,
-#: or close without answering.
+#: What a connection does with its n-th request (0-based): answer it whole ("answer"), after a 103 ("hints"),
+#: then send a stray answer ("stray"); answer without a length and close ("eof"); close without answering.
 Behaviour = Callable[[int], str]
 
 
@@ -70,6 +70,8 @@ class RawBackend:
                 action = self.behaviour(index)
                 if action == "close":
                     break
+                if action == "hints":
+                    writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n")
                 if action == "eof":
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + ANSWER)
                     break
@@ -78,6 +80,9 @@ class RawBackend:
                     % (len(ANSWER), ANSWER)
                 )
                 await writer.drain()
+                if action == "stray":  # an answer nobody asked for, while the connection is idle
+                    await asyncio.sleep(0.1)
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{stray}")
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -195,6 +200,31 @@ async def test_idle_connections_beyond_the_bound_are_closed(
         assert backend.closed == 3  # two stay open for the next requests
         assert await chat(proxy, session) == (200, ANSWER)
     assert backend.opened == 5
+
+
+async def test_informational_answers_are_skipped_and_the_connection_kept(
+    start_server: ServerFactory, backends: list[RawBackend]
+) -> None:
+    backend = RawBackend(lambda _index: "hints")
+    proxy = await proxy_to(start_server, backends, backend)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            assert await chat(proxy, session) == (200, ANSWER)
+    assert backend.opened == 1
+
+
+async def test_bytes_a_backend_sends_unasked_never_answer_the_next_request(
+    start_server: ServerFactory, backends: list[RawBackend]
+) -> None:
+    """A stray answer on an idle connection (a broken or hostile backend) must not become the answer to the
+    next request sent on it, which may be another client's: that connection is closed instead."""
+    backend = RawBackend(lambda _index: "stray")
+    proxy = await proxy_to(start_server, backends, backend)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            assert await chat(proxy, session) == (200, ANSWER)
+            await asyncio.sleep(0.3)  # the stray answer has arrived
+    assert backend.opened == 3
 
 
 def test_a_header_with_a_line_break_is_never_written() -> None:

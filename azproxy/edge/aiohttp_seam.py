@@ -286,8 +286,9 @@ async def await_response(
     """Arm `protocol` for one answer, `send` the request, and wait for the answer's head.
 
     Private: the same three calls aiohttp's ClientSession makes on a pooled connection (set_response_params,
-    start_timeout once the request is written, then read), checked on 3.13.4 to 3.14.5. The body is read until
-    the connection closes when the answer has neither a length nor chunks (read_until_eof), and never decoded.
+    start_timeout once the request is written, then read until a final answer), checked on 3.13.4 to 3.14.5.
+    The body is read until the connection closes when the answer has neither a length nor chunks
+    (read_until_eof), and never decoded.
     """
     protocol.set_response_params(
         skip_payload=skip_payload,
@@ -298,5 +299,9 @@ async def await_response(
     )
     send()
     protocol.start_timeout()
-    message, payload = await protocol.read()
-    return message, payload
+    while True:
+        message, payload = await protocol.read()
+        # Informational answers (100 Continue, 103 Early Hints) precede the real one, as aiohttp's
+        # ClientResponse.start skips them; left queued, one would answer the connection's next request.
+        if not 100 <= message.code < 200 or message.code == 101:
+            return message, payload
