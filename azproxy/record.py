@@ -4,9 +4,9 @@ metrics: one record per request, also for CONNECT tunnels, requests inside them,
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -68,7 +68,15 @@ def request_id_for(headers: CIMultiDictProxy[str]) -> str:
         offered = headers.get(name)
         if offered and _SANE_REQUEST_ID.fullmatch(offered):
             return offered
-    return str(uuid.uuid4())
+    return _new_request_id()
+
+
+def _new_request_id() -> str:
+    """A random (version 4) UUID in its usual text form, made without building a UUID object (a few µs a
+    request)."""
+    digits = os.urandom(16).hex()
+    variant = "89ab"[int(digits[16], 16) & 3]
+    return f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{variant}{digits[17:20]}-{digits[20:]}"
 
 
 RECORD: Final = request_key("azproxy_record", RequestRecord)

@@ -203,6 +203,23 @@ def tunnel_lines(res: Row) -> list[str]:
     return table(head, rows)
 
 
+def gc_lines(res: Row) -> list[str]:
+    tuned = res["tuned"]
+    head = ["garbage collector", "req/s", "x tuned", "CPU µs/req", "worst p99 ms", "errors"]
+    rows = [
+        [
+            name,
+            f(r["rps"], "{:,.0f}"),
+            f(ratio(r["rps"], tuned["rps"]), "{:.3f}"),
+            f(r.get("cpu_us_per_req")),
+            f(r["p99_ms"], "{:.2f}"),
+            str(r["errors"]),
+        ]
+        for name, r in res.items()
+    ]
+    return table(head, rows)
+
+
 def failover_lines(res: Row) -> list[str]:
     head = [
         "target",
@@ -321,7 +338,11 @@ SECTIONS = {
     "streams": ("Streams, all started at once", stream_table),
     "streams-5k": ("Many concurrent streams, chunks 1 s apart", stream_table),
     "stream-capacity": ("Streams one worker holds", capacity_lines),
-    "tunnel": ("Intercepted CONNECT tunnel vs reverse (client.py, 64 connections)", tunnel_lines),
+    "tunnel": (
+        "Intercepted CONNECT tunnel vs reverse, both answered in OpenAI's shape (client.py, 64 connections)",
+        tunnel_lines,
+    ),
+    "gc": ("Garbage collector tuned at start-up, or not (one worker, wrk, 64 connections)", gc_lines),
     "failover": ("Two backends, one answering 429 to half its requests (client.py)", failover_lines),
     "startup": ("Start-up and idle memory", startup_lines),
     "profile": ("Profile of one worker (py-spy)", profile_lines),

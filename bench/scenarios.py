@@ -31,6 +31,11 @@ BEARER = f"Authorization: Bearer {KEY}"
 API_KEY = f"api-key: {KEY}"
 DEPLOYMENT_PATH = f"/openai/deployments/{nginx.DEPLOYMENT}/chat/completions?api-version={nginx.API_VERSION}"
 PROXY_PATH = "/v1/chat/completions"
+#: `python -m azproxy`, less the garbage collector tuning serve does once started (azproxy/process.py).
+UNTUNED_GC = (
+    "import runpy, sys, azproxy.process as p; p._tune_gc = lambda: None; "
+    "sys.argv[0] = 'azproxy'; runpy.run_module('azproxy', run_name='__main__')"
+)
 
 
 def scenario(name: str, quick: bool = True) -> Callable[[Scenario], Scenario]:
@@ -122,12 +127,20 @@ class Bench:
 
     @contextmanager
     def azproxy(
-        self, workers: int = 1, stream: bool = False, name: str = "", env: dict[str, str] | None = None
+        self,
+        workers: int = 1,
+        stream: bool = False,
+        name: str = "",
+        env: dict[str, str] | None = None,
+        untuned_gc: bool = False,
     ) -> Iterator[Target]:
         """azproxy serve on a free port in front of a mock; `workers` > 1 passes --workers; `env` adds to (or
-        overrides) its settings, e.g. `AZPROXY_CONFIG`."""
+        overrides) its settings, e.g. `AZPROXY_CONFIG`; `untuned_gc` leaves out its start-up tuning of the
+        garbage collector (for the before/after of that tuning)."""
         port = free_port()
         argv = [sys.executable, "-m", "azproxy", "serve"]
+        if untuned_gc:
+            argv[1:3] = ["-c", UNTUNED_GC]
         if workers > 1:
             argv.append(f"--workers={workers}")
         env = {
@@ -367,10 +380,12 @@ def stream_capacity(b: Bench) -> dict[str, Any]:
 @scenario("tunnel")
 def tunnel(b: Bench) -> dict[str, Any]:
     """Non-streamed chat through an intercepted CONNECT tunnel (keep-alive, TLS to azproxy's local CA) against
-    the same azproxy in reverse mode, both with bench/client.py at 64 connections."""
+    the same azproxy in reverse mode, both with bench/client.py at 64 connections. Forward-proxy clients get
+    OpenAI's answer shape by default (AZPROXY_FORWARD_RESPONSE_SHAPE), so reverse clients get it too here
+    (AZPROXY_RESPONSE_SHAPE=openai): both rows do the same work on the answer, and the ratio is the tunnel's."""
     a = b.args
     rows: dict[str, Any] = {}
-    with b.azproxy(1, name="azproxy-1w-tunnel") as t:
+    with b.azproxy(1, name="azproxy-1w-tunnel", env={"AZPROXY_RESPONSE_SHAPE": "openai"}) as t:
         if a.warmup:
             loaders.python_plain(t.url, t.header, a.connections, a.warmup)
         rows["reverse"] = b.measure(
@@ -386,6 +401,33 @@ def tunnel(b: Bench) -> dict[str, Any]:
     for row in rows.values():
         row["cpu_us_per_req"] = per_1k(row.get("cpu_s"), row["requests"])
         row["client_cpu_us_per_req"] = per_1k(row.get("loadgen_cpu_s"), row["requests"])
+    return rows
+
+
+@scenario("gc", quick=False)
+def gc_tuning(b: Bench) -> dict[str, Any]:
+    """One worker at 64 connections with and without the garbage collector tuning of start-up (gc.freeze()
+    and a gen-0 threshold of 50,000), each three times, interleaved; counts summed, CPU per request of the sums
+    (the difference is a few per cent, well inside one run's noise on a shared machine)."""
+    a = b.args
+    rows: dict[str, Any] = {}
+    for _ in range(3):
+        for untuned in (False, True):
+            name = "untuned" if untuned else "tuned"
+            with b.azproxy(1, name=f"azproxy-1w-gc-{name}", untuned_gc=untuned) as t:
+                if a.warmup:
+                    b.wrk(t.url, t.header, a.connections, a.warmup)
+                r = b.measure(t, lambda t=t: b.wrk(t.url, t.header, a.connections, a.duration))
+            row = rows.setdefault(name, {"requests": 0, "cpu_s": 0.0, "errors": 0, "seconds": 0.0, "p99": []})
+            row["requests"] += r["requests"]
+            row["cpu_s"] += r.get("cpu_s") or 0.0
+            row["errors"] += r["errors"]
+            row["seconds"] += a.duration
+            row["p99"].append(r["p99_ms"])
+    for row in rows.values():
+        row["rps"] = row["requests"] / row["seconds"]
+        row["cpu_us_per_req"] = per_1k(row["cpu_s"], row["requests"])
+        row["p99_ms"] = max(row.pop("p99"))
     return rows
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,14 @@ import aiohttp
 import openai
 import pytest
 from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from azproxy.accesslog import FIELDS
 from azproxy.config import load_settings
 from azproxy.edge.certs import CertificateAuthority
 from azproxy.emulator import Emulator
 from azproxy.metrics import MAX_MODELS, OTHER_MODEL, Metrics
-from azproxy.record import RequestRecord
+from azproxy.record import RequestRecord, request_id_for
 from azproxy.server import build_app
 
 from .conftest import AZURE_KEY, SECRETS, Proxy, ProxyFactory, ServerFactory
@@ -352,3 +354,13 @@ def test_model_labels_are_bounded_against_clients_naming_random_models() -> None
         sample(text, "azproxy_requests_total", arrival="reverse", model="model-0", backend="", status="200")
         == 1
     )
+
+
+def test_request_ids_azproxy_makes_are_random_version_4_uuids() -> None:
+    made = {request_id_for(CIMultiDictProxy(CIMultiDict())) for _ in range(10_000)}
+    assert len(made) == 10_000
+    for made_id in list(made)[:1000]:
+        parsed = uuid.UUID(made_id)
+        assert str(parsed) == made_id
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
