@@ -130,11 +130,12 @@ class Connections:
         protocol, reused = await self._connection(origin, connect_timeout)
         try:
             message, content = await _exchange(protocol, head, body, method, first_byte_timeout)
-        except aiohttp.ServerDisconnectedError:
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
             protocol.close()
             if not reused:
                 raise
-            # The backend closed an idle connection as the request went out; it never saw the request.
+            # The backend closed (or reset) an idle connection as the request went out, before any answer:
+            # the race every keep-alive client meets. The request goes once more, on a new connection.
             protocol, _ = await self._connection(origin, connect_timeout, fresh=True)
             try:
                 message, content = await _exchange(protocol, head, body, method, first_byte_timeout)

@@ -234,7 +234,8 @@ async def _send_fixing_parameters(
 
     while True:
         sent = await state.upstream.send(fixed, target)
-        adjustment = await _refused_parameter(sent) if len(learnt) < parameters.MAX_RETRIES else None
+        refused = sent.response.status == 400 and len(learnt) < parameters.MAX_RETRIES
+        adjustment = await _refused_parameter(sent) if refused else None
         if adjustment is None or adjustment in learnt or adjustment in made[0]:
             break
         sent.response.release()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,8 @@ ANSWER = json.dumps({"id": "c", "object": "chat.completion", "choices": []}).enc
 HEADERS = {"Authorization": f"Bearer {AZURE_KEY}"}
 
 #: What a connection does with its n-th request (0-based): answer it whole ("answer"), after a 103 ("hints"),
-#: then send a stray answer ("stray"); answer without a length and close ("eof"); close without answering.
+#: then send a stray answer ("stray"); answer without a length and close ("eof"); close without answering
+#: ("close"), or with a RST ("reset").
 Behaviour = Callable[[int], str]
 
 
@@ -68,6 +71,10 @@ class RawBackend:
                 self.bodies.append(await reader.readexactly(length))
                 await asyncio.sleep(self.delay)
                 action = self.behaviour(index)
+                if action == "reset":  # closed with a RST, as a backend's idle-connection reaper may
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    break
                 if action == "close":
                     break
                 if action == "hints":
@@ -158,6 +165,17 @@ async def test_a_kept_connection_the_backend_dropped_is_replaced_unseen(
             assert await chat(proxy, session) == (200, ANSWER)
     assert backend.opened == 3
     assert len(backend.heads) == 5  # requests 2 and 3 each went out twice: on the dropped and the new one
+
+
+async def test_a_kept_connection_the_backend_reset_is_replaced_unseen(
+    start_server: ServerFactory, backends: list[RawBackend]
+) -> None:
+    backend = RawBackend(lambda index: "answer" if index == 0 else "reset")
+    proxy = await proxy_to(start_server, backends, backend)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            assert await chat(proxy, session) == (200, ANSWER)
+    assert backend.opened == 3
 
 
 async def test_a_new_connection_dropped_unanswered_is_a_502_without_a_retry(
