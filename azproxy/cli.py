@@ -27,8 +27,9 @@ from .config import (
     unknown_variables,
 )
 from .logs import configure_logging
-from .process import PID_FILE, Controls, StartupError, run
+from .process import PID_FILE, run
 from .server import new_event_loop
+from .serving import Controls, StartupError
 from .settings_table import SETTINGS
 from .systemd import Notifier, NotifyEnvironment
 

@@ -31,9 +31,9 @@ BEARER = f"Authorization: Bearer {KEY}"
 API_KEY = f"api-key: {KEY}"
 DEPLOYMENT_PATH = f"/openai/deployments/{nginx.DEPLOYMENT}/chat/completions?api-version={nginx.API_VERSION}"
 PROXY_PATH = "/v1/chat/completions"
-#: `python -m azproxy`, less the garbage collector tuning serve does once started (azproxy/process.py).
+#: `python -m azproxy`, less the garbage collector tuning serve does once started (azproxy/serving.py).
 UNTUNED_GC = (
-    "import runpy, sys, azproxy.process as p; p._tune_gc = lambda: None; "
+    "import runpy, sys, azproxy.serving as s; s.tune_gc = lambda: None; "
     "sys.argv[0] = 'azproxy'; runpy.run_module('azproxy', run_name='__main__')"
 )
 

@@ -21,8 +21,9 @@ from aiohttp.test_utils import TestServer
 
 from azproxy.config import Settings, load_settings
 from azproxy.emulator import Emulator
-from azproxy.process import PID_FILE, keep_restart_only
+from azproxy.process import PID_FILE
 from azproxy.server import build_app, reload_app
+from azproxy.serving import keep_restart_only
 from azproxy.state import STATE
 from azproxy.usage import Metered
 
