@@ -8,6 +8,7 @@ import json
 import logging
 from typing import Any, Final
 
+from .logs import TurnBatchingHandler
 from .record import RequestRecord
 
 log = logging.getLogger("azproxy.access")
@@ -75,8 +76,11 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
 
 
+_JSON: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def json_line(fields: dict[str, Any]) -> str:
-    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+    return _JSON.encode(fields)
 
 
 def text_line(fields: dict[str, Any]) -> str:
@@ -91,12 +95,20 @@ def text_line(fields: dict[str, Any]) -> str:
 
 
 class AccessLog:
-    """Writes one line per finished request, in the configured format, when the access log is on."""
+    """Writes one line per finished request, in the configured format, when the access log is on. Where `azproxy
+    serve` gave the access logger its batching handler, lines go to it directly (same format, a fraction of the
+    cost of a LogRecord); anywhere else (an embedding program, tests) they are ordinary INFO records."""
 
     def __init__(self, *, enabled: bool, as_json: bool) -> None:
         self.enabled = enabled
         self._format = json_line if as_json else text_line
+        self._direct = next((h for h in log.handlers if isinstance(h, TurnBatchingHandler)), None)
 
     def write(self, record: RequestRecord, ended: float) -> None:
-        if self.enabled and log.isEnabledFor(logging.INFO):
-            log.info("%s", self._format(fields_of(record, ended)))
+        if not self.enabled or not log.isEnabledFor(logging.INFO):
+            return
+        line = self._format(fields_of(record, ended))
+        if self._direct is not None:
+            self._direct.write_info(log.name, line)
+        else:
+            log.info("%s", line)

@@ -1,6 +1,6 @@
 """azproxy's load harness: azproxy beside nginx (the ceiling) and the mock upstream alone (the floor).
 
-    python bench/run.py            # everything, about 12 minutes; writes bench/RESULTS.md, .json and .png
+    python bench/run.py            # everything, about 7 minutes; writes bench/RESULTS.md, .json and .png
     python bench/run.py --quick    # about a minute; writes bench/out/quick.md and .json
     python bench/run.py --only plain,tunnel --duration 5
 
@@ -172,7 +172,8 @@ def main() -> int:
         text += f"\nSetup failed: {results['setup_error']}\n"
     args.out.with_suffix(".md").write_text(text)
     print(text)
-    log(f"{results['seconds']}s; results in {args.out} (.md{', .png' if plotted else ''}); logs in {workdir}")
+    kept = f"; logs in {workdir}" if failed else ""
+    log(f"{results['seconds']}s; results in {args.out} (.md{', .png' if plotted else ''}){kept}")
     if not failed:
         shutil.rmtree(workdir, ignore_errors=True)
     return 1 if failed else 0

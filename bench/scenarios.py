@@ -148,7 +148,6 @@ class Bench:
             "AZURE_OPENAI_ENDPOINT": f"http://{self.stream_up if stream else self.plain_up}",
             "AZURE_OPENAI_APIVERSION": nginx.API_VERSION,
             "AZPROXY_STATE_DIR": str(self.workdir / "state"),
-            "AZPROXY_LOG_LEVEL": "WARNING",
             "AZPROXY_MAX_CONNECTIONS": "100000",
             "AZPROXY_MAX_CONNECTIONS_PER_IP": "100000",
             "AZPROXY_AUTH_FAILURE_LIMIT": "0",
