@@ -151,6 +151,7 @@ class Bench:
             "AZPROXY_MAX_CONNECTIONS": "100000",
             "AZPROXY_MAX_CONNECTIONS_PER_IP": "100000",
             "AZPROXY_AUTH_FAILURE_LIMIT": "0",
+            "AZPROXY_LOG_LEVEL": "WARNING",  # no access-log line, like nginx here (access_log off)
             **self.env_path,
             **(env or {}),
         }
