@@ -18,8 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
+import aiohappyeyeballs
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -35,6 +37,11 @@ MAX_IDLE_PER_ORIGIN: Final = 512
 DNS_TTL_SECONDS: Final = 300.0
 #: The most of an answer's body buffered ahead of the relay before reading from the backend pauses.
 READ_BUFFER: Final = 2**16
+#: A kept connection that fails this soon after the request went out was dropped by the backend as idle, so
+#: the request is sent again on a new one; a later failure may follow work done, and is not retried.
+RETRY_WINDOW_SECONDS: Final = 0.2
+#: Seconds before the next address of a backend is tried alongside the first (RFC 8305, as aiohttp does).
+HAPPY_EYEBALLS_DELAY: Final = 0.25
 
 Origin = tuple[str, str, int]
 
@@ -94,7 +101,7 @@ class Answer:
         if self._done:
             return
         self._done = True
-        self._protocol.close()
+        self._pool.forget(self._protocol)
 
 
 class Connections:
@@ -107,6 +114,8 @@ class Connections:
     def __init__(self, resolver: AbstractResolver) -> None:
         self._resolver = resolver
         self._idle: dict[Origin, collections.deque[_Idle]] = {}
+        #: Connections carrying an answer now: closed with the pool, whatever their answers' state.
+        self._in_use: set[ResponseProtocol] = set()
         self._addresses: dict[tuple[str, int], tuple[float, list[ResolveResult]]] = {}
         self._tls: ssl.SSLContext | None = None
         self._closed = False
@@ -128,11 +137,12 @@ class Connections:
         origin: Origin = (url.scheme, url.raw_host or "", url.port or 0)
         head = _head(method, url, headers, body)
         protocol, reused = await self._connection(origin, connect_timeout)
+        sent = time.monotonic()
         try:
             message, content = await _exchange(protocol, head, body, method, first_byte_timeout)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
             protocol.close()
-            if not reused:
+            if not reused or time.monotonic() - sent > RETRY_WINDOW_SECONDS:
                 raise
             # The backend closed (or reset) an idle connection as the request went out, before any answer:
             # the race every keep-alive client meets. The request goes once more, on a new connection.
@@ -145,25 +155,38 @@ class Connections:
         except BaseException:
             protocol.close()
             raise
+        self._in_use.add(protocol)
         return Answer(self, origin, protocol, message.code, message.reason, message.headers, content)
 
     def put_back(self, origin: Origin, protocol: ResponseProtocol) -> None:
-        """A connection whose answer is over: kept for reuse when it can carry another request."""
+        """A connection whose answer is over: kept for reuse when it can carry another request. The oldest idle
+        ones go first: past KEEPALIVE_SECONDS, and past MAX_IDLE_PER_ORIGIN."""
+        self._in_use.discard(protocol)
         if self._closed or protocol.should_close or not protocol.is_connected():
             protocol.close()
             return
+        now = time.monotonic()
         idle = self._idle.setdefault(origin, collections.deque())
-        idle.append(_Idle(protocol, time.monotonic()))
-        while len(idle) > MAX_IDLE_PER_ORIGIN:
+        idle.append(_Idle(protocol, now))
+        while len(idle) > MAX_IDLE_PER_ORIGIN or now - idle[0].since >= KEEPALIVE_SECONDS:
             idle.popleft().protocol.close()
 
+    def forget(self, protocol: ResponseProtocol) -> None:
+        """A connection closed with its answer unfinished."""
+        self._in_use.discard(protocol)
+        protocol.close()
+
     async def close(self) -> None:
-        """Closes the idle connections; those in use close when their answers end."""
+        """Closes every connection: the pool is closed once no request uses it (a reload's old pool, or at
+        shutdown after the drain), so one still in use belongs to an answer nobody will finish."""
         self._closed = True
         for idle in self._idle.values():
             for entry in idle:
                 entry.protocol.close()
         self._idle.clear()
+        for protocol in self._in_use:
+            protocol.close()
+        self._in_use.clear()
 
     async def _connection(
         self, origin: Origin, connect_timeout: float | None, *, fresh: bool = False
@@ -190,25 +213,31 @@ class Connections:
         scheme, host, port = origin
         tls = self._tls_context() if scheme == "https" else None
         loop = asyncio.get_running_loop()
-        failure: OSError | None = None
-        for address in await self._resolve(host, port):
-            try:
-                _, protocol = await loop.create_connection(
-                    lambda: new_response_protocol(loop),
-                    address["host"],
-                    address["port"],
-                    ssl=tls,
-                    server_hostname=host if tls is not None else None,
-                    family=address["family"],
-                )
-            except ssl.SSLError as exc:
-                raise aiohttp.ClientConnectionError(f"TLS with {host} failed: {exc.reason}") from exc
-            except OSError as exc:
-                failure = exc
-                continue
-            return protocol
-        assert failure is not None
-        raise aiohttp.ClientOSError(failure.errno, f"cannot connect to {host}:{port}: {failure.strerror}")
+        addresses = [_addr_info(address) for address in await self._resolve(host, port)]
+        try:
+            # Every address in turn, the next one started HAPPY_EYEBALLS_DELAY after the last, as aiohttp's
+            # connector does: an address that swallows connection attempts does not use up the whole timeout.
+            sock = await aiohappyeyeballs.start_connection(
+                addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, loop=loop
+            )
+        except OSError as exc:
+            raise aiohttp.ClientOSError(
+                exc.errno, f"cannot connect to {host}:{port}: {exc.strerror}"
+            ) from exc
+        try:
+            _, protocol = await loop.create_connection(
+                lambda: new_response_protocol(loop),
+                sock=sock,
+                ssl=tls,
+                server_hostname=host.rstrip(".") if tls is not None else None,
+            )
+        except ssl.SSLError as exc:
+            sock.close()
+            raise aiohttp.ClientConnectionError(f"TLS with {host} failed: {exc.reason}") from exc
+        except BaseException:
+            sock.close()
+            raise
+        return protocol
 
     async def _resolve(self, host: str, port: int) -> list[ResolveResult]:
         key = (host, port)
@@ -233,19 +262,34 @@ class Connections:
         return self._tls
 
 
+def _addr_info(address: ResolveResult) -> aiohappyeyeballs.AddrInfoType:
+    host, port = address["host"], address["port"]
+    if address["family"] == socket.AF_INET6:
+        return (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))
+    return (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))
+
+
 async def _exchange(
     protocol: ResponseProtocol, head: bytes, body: bytes, method: str, first_byte_timeout: float | None
 ) -> tuple[aiohttp.http.RawResponseMessage, aiohttp.StreamReader]:
     transport = protocol.transport
     if transport is None:
         raise aiohttp.ServerDisconnectedError()
-    return await await_response(
-        protocol,
-        lambda: transport.writelines((head, body)) if body else transport.write(head),
-        skip_payload=method == "HEAD",
-        read_timeout=first_byte_timeout,
-        read_bufsize=READ_BUFFER,
-    )
+    try:
+        return await await_response(
+            protocol,
+            lambda: transport.writelines((head, body)) if body else transport.write(head),
+            skip_payload=method == "HEAD",
+            read_timeout=first_byte_timeout,
+            read_bufsize=READ_BUFFER,
+        )
+    except HttpProcessingError as exc:  # not a ClientError: ClientResponse.start would have wrapped it
+        raise MalformedAnswer(f"the backend's answer is not HTTP azproxy can read ({exc.message})") from None
+
+
+class MalformedAnswer(aiohttp.ClientConnectionError):
+    """A backend answered with a head that does not parse (bad status line, headers past aiohttp's limits): a
+    failed attempt like an unreachable backend, so 502 and failover rather than an error of azproxy's."""
 
 
 def _head(method: str, url: URL, headers: CIMultiDict[str], body: bytes) -> bytes:

@@ -96,10 +96,11 @@ class TurnBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._add(line)
 
     def _add(self, line: str) -> None:
-        if self._pending and self._size + len(line) > MAX_PENDING:
+        size = len(line) if line.isascii() else len(line.encode("utf-8", "surrogateescape"))
+        if self._pending and self._size + size > MAX_PENDING:
             self.flush()  # whole lines only: one longer than MAX_PENDING goes alone, as it would unbatched
         self._pending.append(line)
-        self._size += len(line)
+        self._size += size
         if self._size >= MAX_PENDING:
             self.flush()
             return

@@ -40,8 +40,9 @@ _OPERATIONS: Final = {
     "responses": "chat",
 }
 
-#: Distinct model names counted under their own label: past this many, further names count as `other`, so a
-#: client naming random models cannot grow the registry (and `/metrics`) without bound.
+#: Distinct model names counted under their own label: past this many, and until a request for it succeeded, a
+#: name counts as `other`, so a client naming random models cannot grow the registry (and `/metrics`) without
+#: bound nor use up the places of real ones.
 MAX_MODELS: Final = 1000
 OTHER_MODEL: Final = "other"
 
@@ -133,7 +134,7 @@ class Metrics:
 
     def observe(self, record: RequestRecord, duration: float) -> None:
         """Counts one finished request."""
-        model, backend = self._model_label(record.model or ""), record.backend or ""
+        model, backend = self._model_label(record.model or "", record.status), record.backend or ""
         child = self._child
         child(self.requests, record.arrival, model, backend, str(record.status or 0)).inc()
         child(self.duration, model, backend).observe(duration)
@@ -164,10 +165,12 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def _model_label(self, model: str) -> str:
+    def _model_label(self, model: str, status: int | None) -> str:
+        """A model counts under its own name once a request for it succeeded: names that only ever met a 403 or
+        404 (a client trying random ones) never take one of the MAX_MODELS places."""
         if model in self._models:
             return model
-        if len(self._models) >= MAX_MODELS:
+        if status is None or status >= 400 or len(self._models) >= MAX_MODELS:
             return OTHER_MODEL
         self._models.add(model)
         return model

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Final
 
+import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
@@ -25,7 +26,7 @@ from .config import Mode, ResponseShape, Settings
 from .edge.arrival import Arrival, ArrivalKind, Passage, arrival_of
 from .edge.incoming import read_incoming
 from .edge.tunnel import TAKEN_OVER, blind
-from .errors import Forbidden
+from .errors import BadGateway, Forbidden, GatewayTimeout
 from .model_refs import check_indirect_models
 from .observe import open_tunnel
 from .operations import Scope
@@ -235,7 +236,11 @@ async def _send_fixing_parameters(
     while True:
         sent = await state.upstream.send(fixed, target)
         refused = sent.response.status == 400 and len(learnt) < parameters.MAX_RETRIES
-        adjustment = await _refused_parameter(sent) if refused else None
+        try:
+            adjustment = await _refused_parameter(sent) if refused else None
+        except BaseException:
+            sent.response.close()  # its body stalled or broke, or the client left: nobody will read it
+            raise
         if adjustment is None or adjustment in learnt or adjustment in made[0]:
             break
         sent.response.release()
@@ -250,7 +255,14 @@ async def _refused_parameter(sent: Sent) -> parameters.Adjustment | None:
     length = response.content_length
     if response.status != 400 or length is None or length > _MAX_REFUSAL:
         return None
-    body = await response.content.read()
+    try:
+        body = await response.content.read()
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        raise GatewayTimeout(
+            "The backend stopped sending in the middle of its answer.", code="upstream_timeout"
+        ) from None
+    except aiohttp.ClientPayloadError:
+        raise BadGateway("The backend broke off its answer.", code="upstream_broken") from None
     encoding = response.headers.get("Content-Encoding")
     readable = decoded(body, encoding) if encoding else body
     adjustment = parameters.refused(response.status, readable) if readable is not None else None

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
 from cryptography.hazmat.primitives import serialization
 from multidict import CIMultiDict
 from yarl import URL
 
 from azproxy import connections
 from azproxy.config import load_settings
-from azproxy.connections import _head
+from azproxy.connections import Connections, _head
 from azproxy.edge.certs import CertificateAuthority
 from azproxy.resolver import Resolver
 from azproxy.server import build_app
@@ -33,7 +34,7 @@ HEADERS = {"Authorization": f"Bearer {AZURE_KEY}"}
 
 #: What a connection does with its n-th request (0-based): answer it whole ("answer"), after a 103 ("hints"),
 #: then send a stray answer ("stray"); answer without a length and close ("eof"); close without answering
-#: ("close"), or with a RST ("reset").
+#: ("close"), or with a RST ("reset"); answer with a status line that does not parse ("garbage").
 Behaviour = Callable[[int], str]
 
 
@@ -77,6 +78,10 @@ class RawBackend:
                     break
                 if action == "close":
                     break
+                if action == "garbage":  # not HTTP at all
+                    writer.write(b"HTTP/1.1 two hundred OK\r\n\r\n")
+                    await writer.drain()
+                    continue
                 if action == "hints":
                     writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n")
                 if action == "eof":
@@ -178,6 +183,22 @@ async def test_a_kept_connection_the_backend_reset_is_replaced_unseen(
     assert backend.opened == 3
 
 
+async def test_a_kept_connection_dropped_after_work_is_not_sent_again(
+    start_server: ServerFactory, backends: list[RawBackend]
+) -> None:
+    """A backend that drops the connection only after working on the request may have done the work (a chat
+    billed, a batch created): past RETRY_WINDOW_SECONDS the request is not sent a second time."""
+    backend = RawBackend(lambda index: "answer" if index == 0 else "close", delay=0.5)
+    proxy = await proxy_to(start_server, backends, backend)
+    async with aiohttp.ClientSession() as session:
+        assert await chat(proxy, session) == (200, ANSWER)
+        status, body = await chat(proxy, session)
+    assert status == 502
+    assert json.loads(body)["error"]["code"] == "upstream_unreachable"
+    assert len(backend.heads) == 2
+    assert backend.opened == 1
+
+
 async def test_a_new_connection_dropped_unanswered_is_a_502_without_a_retry(
     start_server: ServerFactory, backends: list[RawBackend]
 ) -> None:
@@ -243,6 +264,98 @@ async def test_bytes_a_backend_sends_unasked_never_answer_the_next_request(
             assert await chat(proxy, session) == (200, ANSWER)
             await asyncio.sleep(0.3)  # the stray answer has arrived
     assert backend.opened == 3
+
+
+async def test_an_answer_that_is_not_http_is_a_502_and_fails_over(
+    start_server: ServerFactory, backends: list[RawBackend], tmp_path: Path
+) -> None:
+    """A head that does not parse is a failed attempt, like an unreachable backend: the next backend answers,
+    and with none left the client gets a 502 in OpenAI's shape, not an error of azproxy's own."""
+    broken, good = RawBackend(lambda _index: "garbage"), RawBackend(lambda _index: "answer")
+    for backend in (broken, good):
+        backends.append(backend)
+        await backend.start()
+    config = tmp_path / "backends.toml"
+    config.write_text(
+        "".join(
+            f'[[backend]]\nname = "{name}"\nendpoint = "http://127.0.0.1:{backend.port}"\npriority = {priority}\n'
+            for name, backend, priority in (("broken", broken, 0), ("good", good, 1))
+        )
+    )
+    settings = load_settings({"AZPROXY_CONFIG": str(config), "AZURE_OPENAI_TOKEN": AZURE_KEY})
+    proxy = Proxy(await start_server(build_app(settings)))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(proxy.url / "v1/chat/completions", json=CHAT, headers=HEADERS) as response,
+    ):
+        assert (response.status, await response.read()) == (200, ANSWER)
+        assert response.headers["x-azproxy-backend"] == "good"
+    alone = await proxy_to(start_server, backends, RawBackend(lambda _index: "garbage"))
+    async with aiohttp.ClientSession() as session:
+        status, body = await chat(alone, session)
+    assert status == 502
+    assert json.loads(body)["error"]["code"] == "upstream_unreachable"
+
+
+async def test_closing_the_pool_closes_connections_still_in_use(backends: list[RawBackend]) -> None:
+    """The pool closes once no request uses it (a reload's old pool, or after the drain): an answer still
+    holding a connection then belongs to nobody, and its connection must not stay open."""
+    backend = RawBackend(lambda _index: "answer")
+    backends.append(backend)
+    port = await backend.start()
+    pool = Connections(Resolver().for_connector(False))
+    answer = await pool.request(
+        "POST",
+        URL(f"http://127.0.0.1:{port}/x"),
+        CIMultiDict(),
+        b"{}",
+        connect_timeout=5,
+        first_byte_timeout=5,
+    )
+    assert answer.status == 200
+    await pool.close()
+    async with asyncio.timeout(5):
+        await backend.wait_closed(1)
+
+
+class TwoAddresses(AbstractResolver):
+    """A host with two addresses: the first refuses connections, the second is the backend."""
+
+    def __init__(self, refused: int, port: int) -> None:
+        self._ports = (refused, port)
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(hostname=host, host="127.0.0.1", port=p, family=socket.AF_INET, proto=0, flags=0)
+            for p in self._ports
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_the_next_address_is_tried_when_one_refuses(
+    backends: list[RawBackend], closed_port: int
+) -> None:
+    backend = RawBackend(lambda _index: "answer")
+    backends.append(backend)
+    port = await backend.start()
+    pool = Connections(TwoAddresses(closed_port, port))
+    answer = await pool.request(
+        "POST",
+        URL("http://backend.test:8443/x"),
+        CIMultiDict(),
+        b"{}",
+        connect_timeout=5,
+        first_byte_timeout=5,
+    )
+    assert answer.status == 200
+    assert await answer.content.read() == ANSWER
+    answer.release()
+    await pool.close()
+    assert b"Host: backend.test:8443\r\n" in backend.heads[0]
 
 
 def test_a_header_with_a_line_break_is_never_written() -> None:

@@ -1,6 +1,6 @@
 """The log handler `azproxy serve` gives its access log: the lines of one event-loop turn are written together,
-in order, in the same format as every other log line; and the access log of a served proxy has one line per
-request, none lost at exit."""
+in order, in the same format as every other log line, in writes of whole lines within PIPE_BUF; and the access
+log of a served proxy has one line per request."""
 
 from __future__ import annotations
 
@@ -93,6 +93,17 @@ async def test_no_write_passes_max_pending_and_lines_stay_whole(
     assert all(len(text) <= 100 for text in stream.writes)
 
 
+async def test_the_write_bound_counts_bytes_not_characters(
+    handler: tuple[TurnBatchingHandler, Recorder, logging.Logger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logs, "MAX_PENDING", 200)
+    batching, stream, _ = handler
+    batching.write_info("azproxy.access", "é" * 50)  # 96 characters with the prefix, but 146 bytes
+    batching.write_info("azproxy.access", "é" * 50)
+    assert len(stream.writes) == 1  # the first went before the second would pass 200 bytes
+    assert len(stream.writes[0].encode()) <= 200
+
+
 def test_write_info_writes_what_logging_would(
     handler: tuple[TurnBatchingHandler, Recorder, logging.Logger], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -105,7 +116,7 @@ def test_write_info_writes_what_logging_would(
     assert stream.writes == [logging.Formatter(LINE_FORMAT).format(record) + "\n"]
 
 
-def test_a_served_proxy_logs_every_request_once_none_lost_at_exit(tmp_path: Path) -> None:
+def test_a_served_proxy_logs_every_request_once_in_the_common_format(tmp_path: Path) -> None:
     (tmp_path / "empty.env").write_text("")
     emulator_port, proxy_port = free_port(), free_port()
     emulator = subprocess.Popen(

@@ -228,7 +228,8 @@ async def test_metrics_move_by_exactly_the_traffic_sent(proxy: Proxy, emulator: 
     labels = {"arrival": "reverse", "model": "gpt-4o", "backend": "azure"}
     for name, wanted, delta in (
         ("azproxy_requests_total", labels | {"status": "200"}, 2),
-        ("azproxy_requests_total", labels | {"model": "no-such-deployment", "status": "404"}, 1),
+        # a model no request succeeded for counts as "other": random names cannot grow the registry
+        ("azproxy_requests_total", labels | {"model": "other", "status": "404"}, 1),
         ("azproxy_tokens_total", {"model": "gpt-4o", "client": "", "type": "input"}, 10),
         ("azproxy_tokens_total", {"model": "gpt-4o", "client": "", "type": "output"}, 26),
         ("azproxy_upstream_attempts_total", {"backend": "azure", "outcome": "ok"}, 3),
@@ -331,29 +332,31 @@ def test_the_open_relay_refusal_names_entra_when_entra_is_the_credential() -> No
 
 
 def test_model_labels_are_bounded_against_clients_naming_random_models() -> None:
-    """Past MAX_MODELS distinct names, further models count as `other`: the registry cannot grow without
-    bound, and the models already seen keep their own series."""
+    """A model gets a label of its own once a request for it succeeded, at most MAX_MODELS of them; names that
+    only met refusals, and any past the bound, count as `other`, so the registry cannot grow without bound."""
     metrics = Metrics()
+
+    def observe(model: str, status: int) -> None:
+        metrics.observe(
+            RequestRecord("id", "POST", "/v1/chat/completions", 0.0, model=model, status=status), 0.01
+        )
+
+    for index in range(20):
+        observe(f"junk-{index}", 404)  # refused names take no place
     for index in range(MAX_MODELS + 50):
-        record = RequestRecord("id", "POST", "/v1/chat/completions", 0.0, model=f"model-{index}", status=404)
-        metrics.observe(record, 0.01)
-    metrics.observe(
-        RequestRecord("id", "POST", "/v1/chat/completions", 0.0, model="model-0", status=200), 0.01
-    )
+        observe(f"model-{index}", 200)
+    observe("model-0", 429)  # a model with its own label keeps it whatever the status
     text = metrics.render().decode()
     models = set(re.findall(r'azproxy_requests_total\{[^}]*model="([^"]+)"', text))
     assert len(models) == MAX_MODELS + 1
     assert OTHER_MODEL in models
     assert "model-0" in models
+    assert not any(name.startswith("junk-") for name in models)
     assert f"model-{MAX_MODELS}" not in models
-    assert (
-        sample(text, "azproxy_requests_total", arrival="reverse", model=OTHER_MODEL, backend="", status="404")
-        == 50
-    )
-    assert (
-        sample(text, "azproxy_requests_total", arrival="reverse", model="model-0", backend="", status="200")
-        == 1
-    )
+    requests = "azproxy_requests_total"
+    assert sample(text, requests, arrival="reverse", model=OTHER_MODEL, backend="", status="404") == 20
+    assert sample(text, requests, arrival="reverse", model=OTHER_MODEL, backend="", status="200") == 50
+    assert sample(text, requests, arrival="reverse", model="model-0", backend="", status="429") == 1
 
 
 def test_request_ids_azproxy_makes_are_random_version_4_uuids() -> None:

@@ -130,7 +130,8 @@ class OpenAIErrorsHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        if isinstance(exc, ConnectionError):
+        transport = request.transport
+        if isinstance(exc, ConnectionError) and (transport is None or transport.is_closing()):
             # The client left while its answer was being written: its own business, never an ERROR line.
             log.debug("client left before its answer was written: %s", type(exc).__name__)
             self.force_close()
