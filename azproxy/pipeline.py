@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Final
 
-import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
@@ -26,13 +25,13 @@ from .config import Mode, ResponseShape, Settings
 from .edge.arrival import Arrival, ArrivalKind, Passage, arrival_of
 from .edge.incoming import read_incoming
 from .edge.tunnel import TAKEN_OVER, blind
-from .errors import BadGateway, Forbidden, GatewayTimeout
+from .errors import Forbidden
 from .model_refs import check_indirect_models
 from .observe import open_tunnel
 from .operations import Scope
 from .realtime import bridge, response_create_frames
 from .record import RECORD, note_upstream
-from .relay import UsageReport, decoded, relay, replay
+from .relay import UsageReport, decoded, read_whole, relay, replay
 from .rewrite import Rewrite
 from .routing import Target, target_of
 from .state import ProxyState, state_of
@@ -255,14 +254,7 @@ async def _refused_parameter(sent: Sent) -> parameters.Adjustment | None:
     length = response.content_length
     if response.status != 400 or length is None or length > _MAX_REFUSAL:
         return None
-    try:
-        body = await response.content.read()
-    except (TimeoutError, aiohttp.ServerTimeoutError):
-        raise GatewayTimeout(
-            "The backend stopped sending in the middle of its answer.", code="upstream_timeout"
-        ) from None
-    except aiohttp.ClientPayloadError:
-        raise BadGateway("The backend broke off its answer.", code="upstream_broken") from None
+    body, _ = await read_whole(response, _MAX_REFUSAL)  # a stall or a break is a 504 or 502, as in the relay
     encoding = response.headers.get("Content-Encoding")
     readable = decoded(body, encoding) if encoding else body
     adjustment = parameters.refused(response.status, readable) if readable is not None else None

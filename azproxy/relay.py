@@ -123,7 +123,7 @@ async def _relay(
     on_json_answer = hooks[0] if succeeded and is_json(upstream.content_type) else None
     head = b""
     if not is_sse and ((length is not None and length <= BUFFERED_LIMIT) or reshaped or on_json_answer):
-        head, whole = await _read_whole(upstream, MAX_WHOLE)
+        head, whole = await read_whole(upstream, MAX_WHOLE)
         if whole and on_json_answer is not None:
             head = await on_json_answer(_readable(head, headers))
         if whole:
@@ -202,7 +202,7 @@ def _whole_response(
     return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
 
 
-async def _read_whole(upstream: Answer, limit: int) -> tuple[bytes, bool]:
+async def read_whole(upstream: Answer, limit: int) -> tuple[bytes, bool]:
     """The answer and True, or its first `limit` bytes or so and False when it is longer (the rest is left to
     stream). Nothing has been sent yet, so a failure can still be a proper 502 or 504."""
     body = bytearray()

@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from cryptography.hazmat.primitives import serialization
 from yarl import URL
 
 from azproxy.config import load_settings
+from azproxy.edge.certs import CertificateAuthority
 from azproxy.emulator import Emulator
 from azproxy.server import build_app
 from azproxy.state import STATE
@@ -160,3 +164,18 @@ class Canary:
     async def wait_closed(self) -> None:
         if self.server is not None:
             await self.server.wait_closed()
+
+
+def server_context_for(authority: CertificateAuthority, host: str, directory: Path) -> ssl.SSLContext:
+    """A TLS server context with a leaf for `host` that `authority` signed (its key and chain in one PEM)."""
+    cert, key = authority.issue(host)
+    leaf = directory / f"{host}.pem"
+    leaf.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        + cert.public_bytes(serialization.Encoding.PEM)
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(leaf)
+    return context

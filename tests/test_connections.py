@@ -15,7 +15,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
-from cryptography.hazmat.primitives import serialization
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -26,7 +25,7 @@ from azproxy.edge.certs import CertificateAuthority
 from azproxy.resolver import Resolver
 from azproxy.server import build_app
 
-from .conftest import AZURE_KEY, Proxy, ServerFactory
+from .conftest import AZURE_KEY, Proxy, ServerFactory, server_context_for
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}
 ANSWER = json.dumps({"id": "c", "object": "chat.completion", "choices": []}).encode()
@@ -135,14 +134,18 @@ async def chat(proxy: Proxy, session: aiohttp.ClientSession) -> tuple[int, bytes
         return response.status, await response.read()
 
 
+async def chats(proxy: Proxy, count: int) -> list[tuple[int, bytes]]:
+    """`count` chats one after the other on one client connection."""
+    async with aiohttp.ClientSession() as session:
+        return [await chat(proxy, session) for _ in range(count)]
+
+
 async def test_requests_go_out_whole_on_one_kept_connection(
     start_server: ServerFactory, backends: list[RawBackend]
 ) -> None:
     backend = RawBackend(lambda _index: "answer")
     proxy = await proxy_to(start_server, backends, backend)
-    async with aiohttp.ClientSession() as session:
-        for _ in range(5):
-            assert await chat(proxy, session) == (200, ANSWER)
+    assert await chats(proxy, 5) == [(200, ANSWER)] * 5
     assert backend.opened == 1
     assert len(backend.heads) == 5
     for head, body in zip(backend.heads, backend.bodies, strict=True):
@@ -165,9 +168,7 @@ async def test_a_kept_connection_the_backend_dropped_is_replaced_unseen(
     an idle connection as a request goes out: the request is sent again on a new connection, once."""
     backend = RawBackend(lambda index: "answer" if index == 0 else "close")
     proxy = await proxy_to(start_server, backends, backend)
-    async with aiohttp.ClientSession() as session:
-        for _ in range(3):
-            assert await chat(proxy, session) == (200, ANSWER)
+    assert await chats(proxy, 3) == [(200, ANSWER)] * 3
     assert backend.opened == 3
     assert len(backend.heads) == 5  # requests 2 and 3 each went out twice: on the dropped and the new one
 
@@ -177,9 +178,7 @@ async def test_a_kept_connection_the_backend_reset_is_replaced_unseen(
 ) -> None:
     backend = RawBackend(lambda index: "answer" if index == 0 else "reset")
     proxy = await proxy_to(start_server, backends, backend)
-    async with aiohttp.ClientSession() as session:
-        for _ in range(3):
-            assert await chat(proxy, session) == (200, ANSWER)
+    assert await chats(proxy, 3) == [(200, ANSWER)] * 3
     assert backend.opened == 3
 
 
@@ -217,9 +216,7 @@ async def test_an_answer_without_a_length_is_read_until_the_backend_closes(
 ) -> None:
     backend = RawBackend(lambda _index: "eof")
     proxy = await proxy_to(start_server, backends, backend)
-    async with aiohttp.ClientSession() as session:
-        for _ in range(2):
-            assert await chat(proxy, session) == (200, ANSWER)
+    assert await chats(proxy, 2) == [(200, ANSWER)] * 2
     assert backend.opened == 2  # such a connection cannot carry a second request
 
 
@@ -246,9 +243,7 @@ async def test_informational_answers_are_skipped_and_the_connection_kept(
 ) -> None:
     backend = RawBackend(lambda _index: "hints")
     proxy = await proxy_to(start_server, backends, backend)
-    async with aiohttp.ClientSession() as session:
-        for _ in range(3):
-            assert await chat(proxy, session) == (200, ANSWER)
+    assert await chats(proxy, 3) == [(200, ANSWER)] * 3
     assert backend.opened == 1
 
 
@@ -367,21 +362,6 @@ def test_a_header_with_a_line_break_is_never_written() -> None:
     assert head == b"GET /p?q=1 HTTP/1.1\r\nHost: backend.test\r\nx-a: b\r\n\r\n"
 
 
-def _leaf_context(tmp_path: Path, host: str) -> tuple[ssl.SSLContext, Path]:
-    authority = CertificateAuthority(tmp_path, [host])
-    cert, key = authority.issue(host)
-    leaf = tmp_path / "leaf.pem"
-    leaf.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        + cert.public_bytes(serialization.Encoding.PEM)
-    )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(leaf)
-    return context, authority.cert_path
-
-
 @pytest.mark.parametrize("trusted", [True, False])
 async def test_an_https_backend_is_verified_against_the_trust_store(
     start_server: ServerFactory,
@@ -393,7 +373,8 @@ async def test_an_https_backend_is_verified_against_the_trust_store(
     """The backend's name is mapped to a loopback listener (no DNS, nothing leaves the machine); its
     certificate is good only when the trust store (SSL_CERT_FILE here) has the CA that signed it."""
     host = "resource.openai.azure.com"
-    context, ca_path = _leaf_context(tmp_path, host)
+    authority = CertificateAuthority(tmp_path, [host])
+    context, ca_path = server_context_for(authority, host, tmp_path), authority.cert_path
     if trusted:
         monkeypatch.setenv("SSL_CERT_FILE", str(ca_path))
     backend = RawBackend(lambda _index: "answer", tls=context)

@@ -29,7 +29,7 @@ from azproxy.emulator import Emulator
 from azproxy.resolver import Endpoint, Resolver
 from azproxy.server import build_app
 
-from .conftest import AZURE_KEY, Canary, ServerFactory
+from .conftest import AZURE_KEY, Canary, ServerFactory, server_context_for
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**CHAT, "stream": True}
@@ -265,18 +265,7 @@ async def test_leaf_for_another_name_fails_verification(forward: ForwardProxy) -
 async def test_ca_cannot_vouch_for_hosts_outside_its_constraints(tmp_path: Path) -> None:
     """Even a leaf the CA key itself signs for another host is refused by clients, thanks to NameConstraints."""
     authority = CertificateAuthority(tmp_path, ["api.openai.com"])
-    cert, key = authority.issue("evil.example")
-    from cryptography.hazmat.primitives import serialization
-
-    leaf = tmp_path / "evil.pem"
-    leaf.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        + cert.public_bytes(serialization.Encoding.PEM)
-    )
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(leaf)
+    server_context = server_context_for(authority, "evil.example", tmp_path)
     server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=server_context)
     port = server.sockets[0].getsockname()[1]
     client_context = ssl.create_default_context(cafile=authority.cert_path)
