@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from .conftest import free_port
-from .test_processes import AZPROXY, clean_environment, wait_for_port
+from .test_processes import AZPROXY, clean_environment, running_emulator, wait_for_port
 
 STREAM = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -26,18 +26,8 @@ STREAM = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "cont
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[str]:
     """One emulator for the module, streaming six chunks half a second apart (a 3 s stream)."""
-    port = free_port()
-    process = subprocess.Popen(
-        [*AZPROXY, "emulator", "--address", f"127.0.0.1:{port}", "--chunks", "6", "--chunk-delay", "0.5"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
+    with running_emulator("--chunks", "6", "--chunk-delay", "0.5") as url:
+        yield url
 
 
 Start = Callable[..., tuple[subprocess.Popen[bytes], int]]

@@ -20,7 +20,7 @@ from azproxy import logs
 from azproxy.logs import LINE_FORMAT, TurnBatchingHandler
 
 from .conftest import free_port
-from .test_processes import AZPROXY, KEY, clean_environment, wait_for_port
+from .test_processes import AZPROXY, KEY, clean_environment, running_emulator, wait_for_port
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
 
@@ -118,22 +118,15 @@ def test_write_info_writes_what_logging_would(
 
 def test_a_served_proxy_logs_every_request_once_in_the_common_format(tmp_path: Path) -> None:
     (tmp_path / "empty.env").write_text("")
-    emulator_port, proxy_port = free_port(), free_port()
-    emulator = subprocess.Popen(
-        [*AZPROXY, "emulator", "--address", f"127.0.0.1:{emulator_port}", "--api-key", KEY],
-        env=clean_environment(tmp_path),
-    )
+    proxy_port = free_port()
     log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log_file:
+    with running_emulator("--api-key", KEY) as emulator_url, log_path.open("wb") as log_file:
         proxy = subprocess.Popen(
             [*AZPROXY, "serve", "--address", f"127.0.0.1:{proxy_port}"],
-            env=clean_environment(
-                tmp_path, AZURE_OPENAI_ENDPOINT=f"http://127.0.0.1:{emulator_port}", AZURE_OPENAI_TOKEN=KEY
-            ),
+            env=clean_environment(tmp_path, AZURE_OPENAI_ENDPOINT=emulator_url, AZURE_OPENAI_TOKEN=KEY),
             stderr=log_file,
         )
         try:
-            wait_for_port(emulator_port, emulator)
             wait_for_port(proxy_port, proxy)
             chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
             with httpx.Client(base_url=f"http://127.0.0.1:{proxy_port}") as client:
@@ -142,8 +135,6 @@ def test_a_served_proxy_logs_every_request_once_in_the_common_format(tmp_path: P
         finally:
             proxy.terminate()
             proxy.wait(10)
-            emulator.terminate()
-            emulator.wait(10)
     lines = log_path.read_text().splitlines()
     access = [line for line in lines if " INFO azproxy.access: " in line]
     assert len(access) == 5, lines

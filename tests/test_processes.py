@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -35,6 +36,23 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
     raise AssertionError(f"nothing listened on {port}")
 
 
+@contextmanager
+def running_emulator(*options: str) -> Iterator[str]:
+    """`azproxy emulator` as a process on a free loopback port, with `options`; yields its base URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [*AZPROXY, "emulator", "--address", f"127.0.0.1:{port}", *options],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 def clean_environment(tmp_path: Path, **extra: str) -> dict[str, str]:
     keep = {name: os.environ[name] for name in ("PATH", "HOME", "LANG") if name in os.environ}
     return keep | {"AZPROXY_ENV_FILE": str(tmp_path / "empty.env")} | extra
@@ -44,25 +62,18 @@ def clean_environment(tmp_path: Path, **extra: str) -> dict[str, str]:
 def served(tmp_path: Path) -> Iterator[str]:
     """`azproxy emulator` and `azproxy serve` as processes; yields the proxy's base URL."""
     (tmp_path / "empty.env").write_text("")
-    emulator_port, proxy_port = free_port(), free_port()
-    emulator = subprocess.Popen(
-        [*AZPROXY, "emulator", "--address", f"127.0.0.1:{emulator_port}", "--api-key", KEY, "--chunks", "5"],
-        env=clean_environment(tmp_path),
-    )
-    proxy = subprocess.Popen(
-        [*AZPROXY, "serve", "--address", f"127.0.0.1:{proxy_port}"],
-        env=clean_environment(
-            tmp_path, AZURE_OPENAI_ENDPOINT=f"http://127.0.0.1:{emulator_port}", AZURE_OPENAI_TOKEN=KEY
-        ),
-    )
-    try:
-        wait_for_port(emulator_port, emulator)
-        wait_for_port(proxy_port, proxy)
-        yield f"http://127.0.0.1:{proxy_port}"
-    finally:
-        for process in (proxy, emulator):
-            process.terminate()
-            process.wait(10)
+    proxy_port = free_port()
+    with running_emulator("--api-key", KEY, "--chunks", "5") as emulator_url:
+        proxy = subprocess.Popen(
+            [*AZPROXY, "serve", "--address", f"127.0.0.1:{proxy_port}"],
+            env=clean_environment(tmp_path, AZURE_OPENAI_ENDPOINT=emulator_url, AZURE_OPENAI_TOKEN=KEY),
+        )
+        try:
+            wait_for_port(proxy_port, proxy)
+            yield f"http://127.0.0.1:{proxy_port}"
+        finally:
+            proxy.terminate()
+            proxy.wait(10)
 
 
 STREAM = json.dumps({"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]})

@@ -28,7 +28,7 @@ from azproxy.state import STATE
 from azproxy.usage import Metered
 
 from .conftest import AZURE_KEY, ServerFactory, free_port
-from .test_processes import AZPROXY, clean_environment, wait_for_port
+from .test_processes import AZPROXY, clean_environment, running_emulator, wait_for_port
 
 HEADERS = {"Authorization": f"Bearer {AZURE_KEY}"}
 #: The emulator answers with the model behind the deployment it was asked for.
@@ -109,18 +109,8 @@ def test_restart_only_settings_keep_their_old_value() -> None:
 
 @pytest.fixture(scope="module")
 def emulator_url() -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [*AZPROXY, "emulator", "--address", f"127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
+    with running_emulator() as url:
+        yield url
 
 
 class Served:
